@@ -1,0 +1,1 @@
+"""tollgate gateway: the OpenAI-compatible front door in front of vLLM."""

@@ -1,0 +1,1 @@
+"""tollgate GPU exporter: NVML metrics for Prometheus."""

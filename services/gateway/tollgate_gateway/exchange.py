@@ -1,0 +1,39 @@
+"""What the gateway learned about one request: filled along the request path, read once
+at its end for accounting and the request's log line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from time import perf_counter
+
+from tollgate_gateway.usage import Usage
+
+
+@dataclass(slots=True)
+class Exchange:
+    route: str
+    started: float
+    request_id: str = ""
+    key_name: str | None = None
+    model: str | None = None
+    stream: bool = False
+    status: int = 0
+    error: str | None = None
+    upstream_status: int | None = None
+    # Time spent waiting on the upstream (headers, and the body of a non-stream answer):
+    # the gateway's own overhead is the rest.
+    upstream_seconds: float = 0.0
+    ttft_seconds: float | None = None
+    usage: Usage | None = None
+    streamed_chunks: int = 0
+    response_started: bool = False
+    # The last response byte is on its way: a disconnect now is no longer an abandonment.
+    responded: bool = False
+    completed: bool = False
+    client_gone: bool = False
+
+    def overhead_seconds(self) -> float:
+        return perf_counter() - self.started - self.upstream_seconds
+
+    def overhead_header(self) -> bytes:
+        return b"%.3f" % (self.overhead_seconds() * 1000)

@@ -1,0 +1,95 @@
+"""All of the gateway's configuration, in one typed place.
+
+Values come from environment variables (and an optional `.env` file in the working
+directory). The names of the Rust gateway that tollgate replaces are kept (`VLLM_URL`,
+`GATEWAY_API_KEYS`, ...), so existing deployments keep working. Everything is validated
+once at start; a bad value stops the process with one line per problem.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AnyHttpUrl, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    # Where vLLM (or any OpenAI-compatible server) listens, and the key it expects.
+    vllm_url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8000")
+    vllm_api_key: str | None = None
+    # When set, /v1/models answers with this one model instead of asking the upstream.
+    served_model_name: str | None = None
+
+    gateway_host: str = "0.0.0.0"
+    gateway_port: int = Field(8080, ge=0, le=65535)
+    # Comma-separated client keys; `name:key` gives a key a name for logs and metrics.
+    gateway_api_keys: Annotated[list[str], NoDecode] = []
+    gateway_config_file: str | None = None
+    database_url: str | None = None
+
+    # Ingress
+    gateway_max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    # Graceful shutdown: after SIGTERM, /ready fails for `delay` seconds (so load balancers
+    # stop sending), then new connections are refused and in-flight requests get `drain`
+    # seconds to finish.
+    gateway_shutdown_delay_seconds: float = Field(0.0, ge=0)
+    gateway_drain_seconds: Seconds = 30.0
+
+    # Upstream timeouts. A non-stream response arrives whole, so its first byte can take
+    # as long as the whole generation; a stream must not go quiet for longer than `idle`.
+    upstream_connect_timeout_seconds: Seconds = 5.0
+    upstream_first_byte_timeout_seconds: Seconds = 600.0
+    upstream_stream_idle_timeout_seconds: Seconds = 60.0
+    upstream_max_connections: int = Field(1000, gt=0)
+    upstream_health_interval_seconds: Seconds = 2.0
+
+    # Circuit breaker: open after this many consecutive upstream failures, stay open
+    # this long, then let one probe request through (half-open).
+    breaker_failure_threshold: int = Field(5, gt=0)
+    breaker_open_seconds: Seconds = 10.0
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    enable_otlp_tracing: bool = False
+    otlp_endpoint: str | None = None
+
+    @field_validator("gateway_api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @property
+    def upstream_base(self) -> str:
+        return str(self.vllm_url).rstrip("/")
+
+
+# Values never echoed in an error message: they are secrets.
+_SECRETS = {"GATEWAY_API_KEYS", "VLLM_API_KEY", "DATABASE_URL"}
+
+
+class SettingsError(Exception):
+    """Configuration that cannot start the gateway; the message names each bad variable."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            name = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+            secret = any(name.startswith(s) for s in _SECRETS)
+            shown = "" if secret else f" (got {error.get('input')!r})"
+            lines.append(f"{name}: {error['msg']}{shown}")
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None

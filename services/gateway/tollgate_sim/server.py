@@ -49,6 +49,7 @@ class Simulator:
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
+        self.connections: set[_Connection] = set()
         self._reopen: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
@@ -60,10 +61,14 @@ class Simulator:
         self._server = await loop.create_server(lambda: _Connection(self), sock=sock, backlog=1024)
 
     def refuse_for(self, seconds: float) -> None:
-        """Stop listening for a while, so connections are refused (ECONNREFUSED)."""
+        """Stop listening for a while, so connections are refused (ECONNREFUSED), and
+        close the open ones, as a restarting server would."""
         if self._server is not None:
             self._server.close()
             self._server = None
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.close()
         loop = asyncio.get_running_loop()
         if self._reopen is not None:
             self._reopen.cancel()
@@ -86,6 +91,7 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.sim.connections.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -98,6 +104,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.sim.connections.discard(self)
 
     # httptools callbacks
     def on_message_begin(self) -> None:

@@ -1,0 +1,64 @@
+"""Fixtures: one simulator and one gateway shared by the tests that only send traffic,
+and factories for tests that need their own (faults, drain, other settings)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import openai
+import pytest
+from servers import Gateway, Sim
+
+KEY_A = "sk-test-a"
+KEY_B = "sk-test-b"
+
+
+@pytest.fixture(scope="session")
+def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def sim(logs_dir: Path) -> Iterator[Sim]:
+    server = Sim(logs_dir)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(logs_dir: Path, sim: Sim) -> Iterator[Gateway]:
+    server = Gateway(logs_dir, sim.url)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(gateway: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=KEY_A, max_retries=0)
+
+
+@pytest.fixture
+def make_sim(tmp_path: Path) -> Iterator[Callable[..., Sim]]:
+    started: list[Sim] = []
+
+    def make(*args: str) -> Sim:
+        started.append(Sim(tmp_path, *args))
+        return started[-1]
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path) -> Iterator[Callable[..., Gateway]]:
+    started: list[Gateway] = []
+
+    def make(upstream: str, **env: str) -> Gateway:
+        started.append(Gateway(tmp_path, upstream, env))
+        return started[-1]
+
+    yield make
+    for server in started:
+        server.stop()

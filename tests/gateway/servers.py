@@ -1,0 +1,135 @@
+"""Real processes on 127.0.0.1 for the tests: the simulator and the gateway."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll until `predicate()` is truthy; its value, or AssertionError at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+class Process:
+    """A child process whose output goes to a file the test can read."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            argv, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def lines(self) -> list[dict[str, Any]]:
+        entries = []
+        for line in self.output().splitlines():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue
+        return entries
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class Sim(Process):
+    def __init__(self, tmp: Path, *args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
+        argv = [str(BIN / "tollgate-sim"), "--port", str(self.port), *args]
+        super().__init__(argv, {}, tmp / f"sim-{self.port}.log")
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_until(self._up)
+
+    def _up(self) -> bool:
+        try:
+            return httpx.get(self.url + "/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"simulator exited:\n{self.output()}") from None
+            return False
+
+    def stats(self) -> dict[str, Any]:
+        return httpx.get(self.url + "/sim/stats").json()
+
+    def configure(self, **knobs: Any) -> None:
+        httpx.post(self.url + "/sim/config", json=knobs).raise_for_status()
+
+    def reset(self) -> None:
+        httpx.post(self.url + "/sim/reset").raise_for_status()
+
+
+class Gateway(Process):
+    def __init__(self, tmp: Path, upstream: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        full_env = {
+            "VLLM_URL": upstream,
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_PORT": str(self.port),
+            "GATEWAY_API_KEYS": "team-a:sk-test-a,team-b:sk-test-b",
+            "UPSTREAM_HEALTH_INTERVAL_SECONDS": "0.2",
+            **(env or {}),
+        }
+        super().__init__([str(BIN / "tollgate-gateway")], full_env, tmp / f"gw-{self.port}.log")
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_until(self._up)
+
+    def _up(self) -> bool:
+        try:
+            return httpx.get(self.url + "/health", timeout=1).status_code == 200
+        except httpx.TransportError:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited:\n{self.output()}") from None
+            return False
+
+    def requests(self) -> list[dict[str, Any]]:
+        return [e for e in self.lines() if e.get("event") == "request"]
+
+    def request_log(self, request_id: str, timeout: float = 5.0) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            for entry in self.requests():
+                if entry["request_id"] == request_id:
+                    return entry
+            return None
+
+        return wait_until(find, timeout)

@@ -1,0 +1,154 @@
+"""Streams are streamed (not buffered), byte-identical to vLLM's, and always counted."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+
+import httpx
+from conftest import KEY_A
+from servers import Gateway, Sim, wait_until
+
+CHAT = {"messages": [{"role": "user", "content": "stream please"}], "stream": True}
+AUTH = {"authorization": f"Bearer {KEY_A}"}
+
+
+def _stream_bytes(url: str, body: dict, headers: dict[str, str]) -> bytes:
+    with httpx.stream("POST", url, json=body, headers=headers) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "text/event-stream; charset=utf-8"
+        return b"".join(r.iter_raw())
+
+
+def _normalized(data: bytes) -> bytes:
+    return re.sub(rb'"created":\d+', b'"created":0', data)
+
+
+def test_first_chunks_arrive_long_before_the_upstream_finishes(gateway: Gateway) -> None:
+    body = {**CHAT, "max_tokens": 8}
+    headers = {**AUTH, "x-sim-itl-ms": "150"}
+    arrivals = []
+    start = time.monotonic()
+    with httpx.stream(
+        "POST", gateway.url + "/v1/chat/completions", json=body, headers=headers
+    ) as r:
+        for _ in r.iter_raw():
+            arrivals.append(time.monotonic() - start)
+    # 8 tokens 150 ms apart: the upstream needs >= 1.05 s; the role chunk and first token
+    # leave it at once and must not wait for the rest.
+    assert arrivals[-1] >= 1.0
+    assert arrivals[0] < arrivals[-1] - 0.8
+    assert len(arrivals) >= 8
+
+
+def test_bytes_equal_direct_ones(gateway: Gateway, sim: Sim) -> None:
+    for path, body in [
+        ("/v1/chat/completions", {**CHAT, "max_tokens": 5}),
+        ("/v1/completions", {"prompt": "a b", "stream": True, "max_tokens": 5}),
+        ("/v1/chat/completions", {**CHAT, "stream_options": {"include_usage": True}}),
+        ("/v1/chat/completions", {**CHAT, "stream_options": {"include_usage": False}}),
+    ]:
+        headers = {**AUTH, "x-request-id": "same-id-for-both"}
+        direct = _stream_bytes(sim.url + path, body, headers)
+        proxied = _stream_bytes(gateway.url + path, body, headers)
+        assert _normalized(proxied) == _normalized(direct), path
+        assert proxied.endswith(b"data: [DONE]\n\n")
+
+
+def test_usage_chunk_injected_upstream_and_removed_for_client(gateway: Gateway, sim: Sim) -> None:
+    sim.reset()
+    body = {**CHAT, "max_tokens": 4}
+    data = _stream_bytes(gateway.url + "/v1/chat/completions", body, AUTH)
+    assert b'"usage"' not in data
+    stats = sim.stats()
+    # The simulator reported usage (it was asked for it) and the gateway counted it.
+    assert stats["completion_tokens"] == 4
+
+
+def test_cut_stream_counts_what_was_streamed(gateway: Gateway) -> None:
+    headers = {**AUTH, "x-sim-fault": "cut", "x-sim-cut-after": "3", "x-request-id": "cut-1"}
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        json={**CHAT, "max_tokens": 10},
+        headers=headers,
+    ) as r:
+        data = b"".join(r.iter_raw())
+    events = [e for e in data.split(b"\n\n") if e]
+    # role chunk, three tokens, then the gateway's error event; no [DONE].
+    assert len(events) == 5
+    assert b'"code":"upstream_stream_broken"' in events[-1]
+    entry = gateway.request_log("cut-1")
+    assert entry["completion_tokens"] == 3
+    assert entry["prompt_tokens"] > 0
+    assert entry["usage_exact"] is False
+    assert entry["error"] == "upstream_stream_broken"
+
+
+def test_client_disconnect_cancels_the_upstream(gateway: Gateway, sim: Sim) -> None:
+    sim.reset()
+    headers = {**AUTH, "x-sim-itl-ms": "100", "x-request-id": "leaver-1"}
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        json={**CHAT, "max_tokens": 50},
+        headers=headers,
+    ) as r:
+        received = b""
+        for part in r.iter_raw():
+            received += part
+            if received.count(b"\n\n") >= 3:
+                break
+    # The simulator sees its client (the gateway) go away long before 50 tokens.
+    wait_until(lambda: sim.stats()["cancelled"] == 1, timeout=3)
+    stats = sim.stats()
+    assert stats["tokens_sent"] < 20
+    entry = gateway.request_log("leaver-1")
+    assert entry["client_disconnected"] is True
+    assert entry["usage_exact"] is False
+    assert 2 <= entry["completion_tokens"] <= stats["tokens_sent"]
+
+
+def test_client_disconnect_while_waiting_for_a_whole_answer(gateway: Gateway, sim: Sim) -> None:
+    sim.reset()
+    headers = {**AUTH, "x-sim-ttft-ms": "3000", "x-request-id": "leaver-2"}
+    body = {"messages": CHAT["messages"], "max_tokens": 5}
+    with contextlib.suppress(httpx.ReadTimeout):
+        httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=headers, timeout=0.5)
+    wait_until(lambda: sim.stats()["cancelled"] == 1, timeout=5)
+    assert gateway.request_log("leaver-2")["client_disconnected"] is True
+
+
+def test_request_headers_forwarded_and_replaced(make_gateway, sim: Sim) -> None:
+    gw = make_gateway(sim.url, VLLM_API_KEY="internal-vllm-key")
+    headers = {
+        **AUTH,
+        "x-request-id": "rid-123",
+        "x-custom": "kept",
+        "connection": "keep-alive, x-drop-me",
+        "x-drop-me": "hop-by-hop",
+        "te": "trailers",
+    }
+    r = httpx.post(
+        gw.url + "/v1/completions", json={"prompt": "p", "max_tokens": 1}, headers=headers
+    )
+    assert r.status_code == 200
+    assert r.headers["x-request-id"] == "rid-123"
+    assert r.json()["id"] == "cmpl-rid-123"  # vLLM builds its id from x-request-id
+    seen = sim.stats()["last_headers"]
+    assert seen["authorization"] == "Bearer internal-vllm-key"
+    assert seen["x-request-id"] == "rid-123"
+    assert seen["x-custom"] == "kept"
+    assert "x-drop-me" not in seen and "te" not in seen
+    assert seen["content-type"] == "application/json"
+
+
+def test_invalid_request_id_is_replaced(gateway: Gateway) -> None:
+    r = httpx.post(
+        gateway.url + "/v1/completions",
+        json={"prompt": "p", "max_tokens": 1},
+        headers={**AUTH, "x-request-id": "bad id with spaces"},
+    )
+    assert r.status_code == 200
+    assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])

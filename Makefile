@@ -21,6 +21,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 test: lint
+	@scripts/ensure-tools.sh
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -9,6 +9,7 @@ import openai
 import pytest
 from conftest import KEY_A
 from servers import wait_until
+
 from tollgate_gateway.breaker import CircuitBreaker, State
 
 BODY = {"prompt": "p", "max_tokens": 1}

@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 from servers import BIN
+
 from tollgate_gateway.keys import KeyRing, key_hash
 from tollgate_gateway.settings import SettingsError, load_settings
 from tollgate_gateway.sse import StreamTap

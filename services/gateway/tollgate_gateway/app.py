@@ -17,7 +17,7 @@ from tollgate_gateway.breaker import CircuitBreaker, State
 from tollgate_gateway.errors import GatewayError
 from tollgate_gateway.exchange import Exchange
 from tollgate_gateway.keys import ApiKey, KeyRing
-from tollgate_gateway.logs import request_log
+from tollgate_gateway.logs import AccessLog
 from tollgate_gateway.proxy import PROXY_PATHS, Proxy
 from tollgate_gateway.routes import build_api
 from tollgate_gateway.settings import Settings
@@ -36,6 +36,7 @@ class Gateway:
         )
         self.upstream = Upstream(settings)
         self.usage: UsageSink = usage if usage is not None else UsageTotals()
+        self.access_log = AccessLog()
         self.draining = False
         self.started_at = int(time.time())
         self.proxy = Proxy(self)
@@ -67,6 +68,7 @@ class Gateway:
     async def shutdown(self) -> None:
         await self.upstream.close()
         await self.usage.aclose()
+        self.access_log.flush()
         log.info("gateway stopped", extra={"event": "shutdown"})
 
     def authenticate(self, authorization: str | None) -> ApiKey:
@@ -93,4 +95,4 @@ class Gateway:
         """The one accounting hook: every request ends here, whatever happened to it."""
         if ex.usage is not None and ex.key_name is not None:
             self.usage.record(ex.key_name, ex.model or "", ex.usage)
-        request_log(ex, perf_counter() - ex.started)
+        self.access_log.write(ex, perf_counter() - ex.started)

@@ -13,7 +13,7 @@ from typing import Any
 import pynvml
 
 from .metrics import GIB
-from .nvml import ALL_LINKS, Nvml
+from .nvml import ALL_LINKS, NotSupported, Nvml
 
 Sample = tuple[str, dict[str, str], float]
 Probe = Callable[[Nvml, Any], Iterator[Sample]]
@@ -42,11 +42,23 @@ VIOLATION_POLICIES: tuple[tuple[str, int], ...] = (
     ("reliability", pynvml.NVML_PERF_POLICY_RELIABILITY),
 )
 
-FIELD_METRICS: tuple[tuple[int, int, str, float], ...] = (
-    # field id, scope, metric, scale to base unit
-    (pynvml.NVML_FI_DEV_MEMORY_TEMP, 0, "gpu_memory_temperature_celsius", 1.0),
-    (pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, ALL_LINKS, "gpu_nvlink_transmit_bytes_total", 1024.0),
-    (pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, ALL_LINKS, "gpu_nvlink_receive_bytes_total", 1024.0),
+FIELD_METRICS: tuple[tuple[str, int, int, str, float], ...] = (
+    # probe key, field id, scope, metric, scale to the base unit
+    ("memory_temperature", pynvml.NVML_FI_DEV_MEMORY_TEMP, 0, "gpu_memory_temperature_celsius", 1),
+    (
+        "nvlink_tx",
+        pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
+        ALL_LINKS,
+        "gpu_nvlink_transmit_bytes_total",
+        1024,
+    ),
+    (
+        "nvlink_rx",
+        pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX,
+        ALL_LINKS,
+        "gpu_nvlink_receive_bytes_total",
+        1024,
+    ),
 )
 
 
@@ -163,12 +175,12 @@ def remapped_rows(nv: Nvml, h: Any) -> Iterator[Sample]:
 
 
 def _field(field_id: int, scope: int, metric: str, scale: float) -> Probe:
-    """Field values are read in one batch by the collector; this probe picks one out."""
+    """One field per call, so a GPU without NVLink negative-caches only the NVLink fields."""
 
     def probe(nv: Nvml, h: Any) -> Iterator[Sample]:
         value = nv.field_values(h, [(field_id, scope)]).get(field_id)
         if value is None:
-            raise_not_supported(f"field:{field_id}")
+            raise NotSupported(f"field:{field_id}", pynvml.NVML_ERROR_NOT_SUPPORTED, "no field")
         yield metric, NO_LABELS, value * scale
 
     return probe
@@ -195,10 +207,36 @@ def mig(nv: Nvml, h: Any) -> Iterator[Sample]:
             yield "gpu_mig_memory_used_bytes", labels, dev.used
 
 
-def raise_not_supported(call: str) -> None:
-    from .nvml import NotSupported
+class Gpm:
+    """Hopper+ GPU Performance Monitoring: ratios between two samples taken one collect apart.
 
-    raise NotSupported(call, pynvml.NVML_ERROR_NOT_SUPPORTED, "Not Supported")
+    Stateful, so the collector makes one per GPU. The first collect only takes the baseline.
+    """
+
+    METRICS: tuple[tuple[int, str], ...] = (
+        (pynvml.NVML_GPM_METRIC_SM_UTIL, "gpu_gpm_sm_active_ratio"),
+        (pynvml.NVML_GPM_METRIC_SM_OCCUPANCY, "gpu_gpm_sm_occupancy_ratio"),
+        (pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL, "gpu_gpm_tensor_active_ratio"),
+        (pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL, "gpu_gpm_dram_active_ratio"),
+    )
+
+    def __init__(self) -> None:
+        self._prev: Any = None
+        self._cur: Any = None
+
+    def __call__(self, nv: Nvml, h: Any) -> Iterator[Sample]:
+        if self._prev is None:
+            if not nv.gpm_supported(h):
+                raise NotSupported("nvmlGpmQueryDeviceSupport", 3, "GPM not supported")
+            self._prev, self._cur = nv.gpm_sample_alloc(), nv.gpm_sample_alloc()
+            nv.gpm_sample_get(h, self._prev)
+            return
+        nv.gpm_sample_get(h, self._cur)
+        values = nv.gpm_metrics(self._prev, self._cur, [mid for mid, _ in self.METRICS])
+        self._prev, self._cur = self._cur, self._prev
+        for metric_id, name in self.METRICS:
+            if metric_id in values:
+                yield name, NO_LABELS, values[metric_id] / 100.0
 
 
 PROBES: tuple[tuple[str, Probe], ...] = (
@@ -226,10 +264,13 @@ PROBES: tuple[tuple[str, Probe], ...] = (
             ("corrected", pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED),
             ("uncorrected", pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED),
         )
-        for s, sid in (("volatile", pynvml.NVML_VOLATILE_ECC), ("aggregate", pynvml.NVML_AGGREGATE_ECC))
+        for s, sid in (
+            ("volatile", pynvml.NVML_VOLATILE_ECC),
+            ("aggregate", pynvml.NVML_AGGREGATE_ECC),
+        )
     ),
     ("remapped_rows", remapped_rows),
-    *((metric.removeprefix("gpu_"), _field(fid, scope, metric, k)) for fid, scope, metric, k in FIELD_METRICS),
+    *((key, _field(fid, scope, metric, scale)) for key, fid, scope, metric, scale in FIELD_METRICS),
     ("processes", processes),
     ("mig", mig),
 )

@@ -1,0 +1,234 @@
+"""Benchmark: the same workload direct to the simulator and through the gateway, in one run.
+
+Prints, per workload and concurrency: throughput, p50/p99 latency (time to first byte for
+streams), CPU milliseconds per request of the process under test (read from its own CPU
+time, so the figure does not depend on the simulator's speed), the simulator's CPU per
+request (it must stay far below the gateway's), the gateway's RSS, the median
+`x-tollgate-overhead-ms`, and the ratios to direct. Also the gateway's idle RSS and its
+start-to-ready time. It passes or fails nothing.
+
+    make bench                       # or: .venv/bin/python bench/gateway_bench.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import psutil
+
+BIN = Path(sys.executable).parent
+KEY = "sk-bench"
+CHAT = (
+    b'{"model":"sim-llama","messages":[{"role":"user","content":"benchmark me"}],"max_tokens":%d%s}'
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 20) -> float:
+    """Seconds until `url` answers 200."""
+    import urllib.request
+
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return time.monotonic() - start
+        except OSError:
+            time.sleep(0.005)
+    raise SystemExit(f"{url} not ready after {timeout} s")
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
+@dataclass
+class Result:
+    requests: int
+    seconds: float
+    latencies: list[float]
+    overheads: list[float]
+    cpu_target: float
+    cpu_sim: float
+    rss_mb: float
+
+    def pct(self, p: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+
+async def drive(url: str, body: bytes, stream: bool, concurrency: int, total: int) -> tuple:
+    latencies: list[float] = []
+    overheads: list[float] = []
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    remaining = total
+    connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=3)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                start = time.perf_counter()
+                async with session.post(url, data=body, headers=headers) as resp:
+                    if resp.status != 200:
+                        raise SystemExit(f"{url}: {resp.status} {await resp.text()}")
+                    if stream:
+                        first = None
+                        async for _ in resp.content.iter_any():
+                            if first is None:
+                                first = time.perf_counter() - start
+                        latencies.append(first or 0.0)
+                    else:
+                        await resp.read()
+                        latencies.append(time.perf_counter() - start)
+                    overhead = resp.headers.get("x-tollgate-overhead-ms")
+                    if overhead is not None:
+                        overheads.append(float(overhead))
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return time.perf_counter() - start, latencies, overheads
+
+
+def measure(
+    target: psutil.Process,
+    sim: psutil.Process,
+    url: str,
+    body: bytes,
+    stream: bool,
+    concurrency: int,
+    total: int,
+) -> Result:
+    asyncio.run(drive(url, body, stream, concurrency, max(50, total // 10)))  # warm-up
+    cpu_t, cpu_s = cpu_seconds(target), cpu_seconds(sim)
+    seconds, latencies, overheads = asyncio.run(drive(url, body, stream, concurrency, total))
+    return Result(
+        requests=total,
+        seconds=seconds,
+        latencies=latencies,
+        overheads=overheads,
+        cpu_target=(cpu_seconds(target) - cpu_t) / total * 1000,
+        cpu_sim=(cpu_seconds(sim) - cpu_s) / total * 1000,
+        rss_mb=target.memory_info().rss / 2**20,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
+    parser.add_argument(
+        "--gateway-cmd",
+        default=str(BIN / "tollgate-gateway"),
+        help="command that starts the gateway (to measure variants)",
+    )
+    args = parser.parse_args()
+    scale = 0.2 if args.quick else 1.0
+
+    sim_port, gw_port = free_port(), free_port()
+    sim = subprocess.Popen(
+        [str(BIN / "tollgate-sim"), "--port", str(sim_port)], stdout=subprocess.DEVNULL
+    )
+    env = {
+        **os.environ,
+        "VLLM_URL": f"http://127.0.0.1:{sim_port}",
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_PORT": str(gw_port),
+        "GATEWAY_API_KEYS": f"bench:{KEY}",
+        "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
+    }
+    wait_http(f"http://127.0.0.1:{sim_port}/health")
+    started = time.monotonic()
+    gateway = subprocess.Popen(
+        args.gateway_cmd.split(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{gw_port}/ready")
+        ready_s = time.monotonic() - started
+        gw_proc, sim_proc = psutil.Process(gateway.pid), psutil.Process(sim.pid)
+        time.sleep(0.5)
+        idle_rss = gw_proc.memory_info().rss / 2**20
+        print(f"gateway: start -> /ready {ready_s:.2f} s, idle RSS {idle_rss:.1f} MiB")
+        print(f"cpu: {psutil.cpu_count()} cores, python {sys.version.split()[0]}\n")
+        header = (
+            f"{'workload':<24}{'path':<9}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}"
+            f"{'CPU ms/req':>12}{'sim CPU':>9}{'RSS MiB':>9}{'ovh ms':>8}"
+        )
+        print(header)
+        print("-" * len(header))
+        workloads = [
+            ("non-stream 16 tok", CHAT % (16, b""), False),
+            ("stream 64 tok", CHAT % (64, b',"stream":true'), True),
+        ]
+        for name, body, stream in workloads:
+            for concurrency, total in ((1, 2000), (32, 16000)):
+                n = int(total * scale * (0.5 if stream else 1))
+                label = f"{name} c={concurrency}"
+                direct = measure(
+                    sim_proc,
+                    sim_proc,
+                    f"http://127.0.0.1:{sim_port}/v1/chat/completions",
+                    body,
+                    stream,
+                    concurrency,
+                    n,
+                )
+                proxied = measure(
+                    gw_proc,
+                    sim_proc,
+                    f"http://127.0.0.1:{gw_port}/v1/chat/completions",
+                    body,
+                    stream,
+                    concurrency,
+                    n,
+                )
+                ovh = statistics.median(proxied.overheads) if proxied.overheads else 0.0
+                print(
+                    f"{label:<24}{'direct':<9}{direct.rps:>8.0f}{direct.pct(0.5):>9.2f}"
+                    f"{direct.pct(0.99):>9.2f}{direct.cpu_target:>12.3f}{'':>9}{'':>9}{'':>8}"
+                )
+                print(
+                    f"{'':<24}{'gateway':<9}{proxied.rps:>8.0f}{proxied.pct(0.5):>9.2f}"
+                    f"{proxied.pct(0.99):>9.2f}{proxied.cpu_target:>12.3f}"
+                    f"{proxied.cpu_sim:>9.3f}{proxied.rss_mb:>9.1f}{ovh:>8.3f}"
+                )
+                print(
+                    f"{'':<24}{'ratio':<9}{proxied.rps / direct.rps:>8.2f}"
+                    f"{proxied.pct(0.5) / direct.pct(0.5):>9.2f}"
+                    f"{proxied.pct(0.99) / direct.pct(0.99):>9.2f}"
+                    f"   added p50 {proxied.pct(0.5) - direct.pct(0.5):.3f} ms"
+                )
+        print(
+            "\nCPU ms/req: direct rows = the simulator's own CPU; gateway rows = the gateway's"
+            " CPU.\nsim CPU: the simulator's CPU per request during the gateway run."
+        )
+    finally:
+        for proc in (gateway, sim):
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+
+if __name__ == "__main__":
+    main()

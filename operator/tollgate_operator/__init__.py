@@ -1,0 +1,1 @@
+"""tollgate operator: reconciles tollgate.dev custom resources with kopf."""

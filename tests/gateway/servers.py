@@ -108,6 +108,7 @@ class Gateway(Process):
             "GATEWAY_PORT": str(self.port),
             "GATEWAY_API_KEYS": "team-a:sk-test-a,team-b:sk-test-b",
             "UPSTREAM_HEALTH_INTERVAL_SECONDS": "0.2",
+            "DATABASE_URL": f"sqlite:///{tmp}/usage-{self.port}.db",
             **(env or {}),
         }
         super().__init__([str(BIN / "tollgate-gateway")], full_env, tmp / f"gw-{self.port}.log")

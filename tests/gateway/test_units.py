@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from servers import BIN
 
-from tollgate_gateway.keys import KeyRing, key_hash
+from tollgate_gateway.keys import KeyRing, env_keys, key_hash
 from tollgate_gateway.settings import SettingsError, load_settings
 from tollgate_gateway.sse import StreamTap
 from tollgate_gateway.usage import usage_from_body
@@ -70,7 +70,7 @@ def test_usage_from_body() -> None:
 
 
 def test_keyring_knows_keys_only_by_hash() -> None:
-    ring = KeyRing.from_entries(["alice:sk-1", "sk-2"])
+    ring = KeyRing(env_keys(["alice:sk-1", "sk-2"], None))
     assert ring.authenticate(b"Bearer sk-1").name == "alice"
     assert ring.authenticate(b"bearer sk-2").name == f"key-{key_hash('sk-2')[:12]}"
     assert ring.authenticate(b"Bearer sk-3") is None

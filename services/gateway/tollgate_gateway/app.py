@@ -1,12 +1,14 @@
 """The gateway as one ASGI application.
 
 The two completion routes go straight to the raw proxy; everything else (health,
-readiness, models, FastAPI's lifespan) goes to FastAPI. `Gateway` also owns the shared
-parts the request path uses: keys, breaker, upstream client, usage sink.
+readiness, models, usage, FastAPI's lifespan) goes to FastAPI. `Gateway` also owns the
+shared parts the request path uses: keys, limits, breaker, upstream client, quota ledger.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from time import perf_counter
@@ -14,28 +16,56 @@ from time import perf_counter
 from tollgate_gateway import errors
 from tollgate_gateway.asgi import Receive, Scope, Send, send_error
 from tollgate_gateway.breaker import CircuitBreaker, State
+from tollgate_gateway.config_watch import ConfigWatcher, env_policy
 from tollgate_gateway.errors import GatewayError
 from tollgate_gateway.exchange import Exchange
-from tollgate_gateway.keys import ApiKey, KeyRing
+from tollgate_gateway.keys import ApiKey, KeyRing, env_keys
 from tollgate_gateway.logs import AccessLog
 from tollgate_gateway.proxy import PROXY_PATHS, Proxy
+from tollgate_gateway.quota import QuotaLedger
+from tollgate_gateway.ratelimit import ClientAddress, Gcra
 from tollgate_gateway.routes import build_api
 from tollgate_gateway.settings import Settings
+from tollgate_gateway.stores import open_store
 from tollgate_gateway.upstream import Upstream
-from tollgate_gateway.usage import UsageSink, UsageTotals
 
 log = logging.getLogger("tollgate.gateway")
 
 
 class Gateway:
-    def __init__(self, settings: Settings, usage: UsageSink | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.keys = KeyRing.from_entries(settings.gateway_api_keys)
+        self.keys = KeyRing()
+        self.config_version = ""
+        policy = env_policy(
+            settings.gateway_default_requests_per_minute,
+            settings.gateway_default_tokens_per_minute,
+            settings.gateway_default_tokens_per_day,
+            settings.gateway_default_max_concurrent_requests,
+        )
+        self.config = ConfigWatcher(
+            settings.gateway_config_file,
+            env_keys(settings.gateway_api_keys, policy),
+            self._use_keys,
+            settings.gateway_config_poll_seconds,
+        )
+        self.config.load()  # ConfigError stops the start
+        self.ip_limit = (
+            Gcra(settings.gateway_ip_rate_per_second, settings.gateway_ip_burst)
+            if settings.gateway_ip_rate_per_second > 0
+            else None
+        )
+        self.client_address = ClientAddress(settings.gateway_trusted_proxies)
+        self.quota = QuotaLedger(
+            open_store(settings.database_url, settings.quota_db_schema),
+            settings.quota_flush_interval_seconds,
+            settings.quota_fail_closed,
+        )
         self.breaker = CircuitBreaker(
             settings.breaker_failure_threshold, settings.breaker_open_seconds
         )
         self.upstream = Upstream(settings)
-        self.usage: UsageSink = usage if usage is not None else UsageTotals()
+        self._config_task: asyncio.Task[None] | None = None
         self.access_log = AccessLog()
         self.draining = False
         self.started_at = int(time.time())
@@ -53,21 +83,34 @@ class Gateway:
             return
         await self.api(scope, receive, send)
 
+    def _use_keys(self, keys: KeyRing, version: str) -> None:
+        self.keys = keys
+        self.config_version = version
+
     async def startup(self) -> None:
+        await self.quota.store.start()
+        await self.quota.start(self.keys.names())
         await self.upstream.start()
+        self._config_task = asyncio.create_task(self.config.watch(), name="config-watch")
         log.info(
             "gateway started",
             extra={
                 "event": "startup",
                 "upstream": self.upstream.base,
                 "keys": len(self.keys),
+                "config_version": self.config_version,
+                "quota_store": self.settings.database_url.split(":", 1)[0],
                 "upstream_healthy": self.upstream.healthy,
             },
         )
 
     async def shutdown(self) -> None:
+        if self._config_task is not None:
+            self._config_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._config_task
         await self.upstream.close()
-        await self.usage.aclose()
+        await self.quota.close()
         self.access_log.flush()
         log.info("gateway stopped", extra={"event": "shutdown"})
 
@@ -75,6 +118,9 @@ class Gateway:
         key = self.keys.authenticate(authorization.encode() if authorization else None)
         if key is None:
             raise GatewayError(errors.INVALID_API_KEY, "Incorrect or missing API key.")
+        refusal = key.refusal(time.time())
+        if refusal is not None:
+            raise GatewayError(errors.INVALID_API_KEY, refusal)
         return key
 
     def readiness_problems(self) -> list[str]:
@@ -93,6 +139,6 @@ class Gateway:
 
     def finish(self, ex: Exchange) -> None:
         """The one accounting hook: every request ends here, whatever happened to it."""
-        if ex.usage is not None and ex.key_name is not None:
-            self.usage.record(ex.key_name, ex.model or "", ex.usage)
+        if ex.admission is not None:
+            self.quota.settle(ex.admission, ex.usage)
         self.access_log.write(ex, perf_counter() - ex.started)

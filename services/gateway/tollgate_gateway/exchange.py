@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from time import perf_counter
 
+from tollgate_gateway.quota import Admission
 from tollgate_gateway.usage import Usage
 
 
@@ -25,6 +26,8 @@ class Exchange:
     upstream_seconds: float = 0.0
     ttft_seconds: float | None = None
     usage: Usage | None = None
+    # The quota reservation, settled when the request ends.
+    admission: Admission | None = None
     streamed_chunks: int = 0
     response_started: bool = False
     # The last response byte is on its way: a disconnect now is no longer an abandonment.

@@ -16,6 +16,7 @@ from types import FrameType
 import uvicorn
 
 from tollgate_gateway.app import Gateway
+from tollgate_gateway.config_watch import ConfigError
 from tollgate_gateway.logs import configure_logging
 from tollgate_gateway.settings import SettingsError, load_settings
 
@@ -52,7 +53,11 @@ def main() -> None:
         print(f"tollgate-gateway: {exc}", file=sys.stderr)
         sys.exit(2)
     configure_logging(settings.log_level)
-    gateway = Gateway(settings)
+    try:
+        gateway = Gateway(settings)
+    except (ConfigError, ValueError) as exc:
+        print(f"tollgate-gateway: {exc}", file=sys.stderr)
+        sys.exit(2)
     config = uvicorn.Config(
         gateway,
         host=settings.gateway_host,

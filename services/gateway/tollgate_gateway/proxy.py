@@ -2,15 +2,17 @@
 
 This is raw ASGI on purpose: it runs for every request and every streamed chunk, so it
 avoids the framework's routing, request objects and middleware (FastAPI serves the other
-endpoints). Read `handle` top to bottom: it is the gateway's whole job.
+endpoints). Read `_handle` top to bottom: it is the gateway's whole job.
 
-1. request id, body size (413), key (401), body as JSON (400)
-2. `stream_options.include_usage` turned on for streams, so usage can be counted
-3. circuit breaker (503 while open, without touching the upstream)
-4. upstream call: the body as bytes, the client's headers less hop-by-hop ones, the
+1. ingress: request id, body size (413), client IP and its rate limit (429)
+2. the key (401), the body as JSON (400), the key's model list (403)
+3. the key's quota and limits (429), reserving the tokens the request may use
+4. `stream_options.include_usage` turned on for streams, so usage can be counted
+5. circuit breaker (503 while open, without touching the upstream)
+6. upstream call: the body as bytes, the client's headers less hop-by-hop ones, the
    client's key replaced by `VLLM_API_KEY`
-5. response: JSON whole, or SSE chunk by chunk as it arrives
-6. usage and one log line, always, also when the client leaves or the stream breaks
+7. response: JSON whole, or SSE chunk by chunk as it arrives
+8. usage settled and one log line, always, also when the client leaves or the stream breaks
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 import uuid
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -29,6 +32,7 @@ from tollgate_gateway import errors
 from tollgate_gateway.asgi import Receive, Scope, Send, send_error
 from tollgate_gateway.errors import ErrorKind
 from tollgate_gateway.exchange import Exchange
+from tollgate_gateway.quota import Refusal
 from tollgate_gateway.sse import StreamTap
 from tollgate_gateway.usage import Usage, estimate_prompt_tokens, usage_from_body
 
@@ -68,17 +72,20 @@ _UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
 class Reject(Exception):
     """A request refused before any response byte was sent."""
 
-    def __init__(self, kind: ErrorKind, message: str, headers: list[tuple[bytes, bytes]] = ()):
+    def __init__(self, kind: ErrorKind, message: str, retry_after: float | None = None):
         super().__init__(message)
         self.kind = kind
         self.message = message
-        self.headers = list(headers)
+        self.headers = []
+        if retry_after is not None:
+            self.headers.append((b"retry-after", b"%d" % max(1, round(retry_after))))
 
 
 class Proxy:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.max_body = gateway.settings.gateway_max_body_bytes
+        self.default_reserve = gateway.settings.quota_default_reserve_tokens
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex = Exchange(route=scope["path"], started=perf_counter())
@@ -98,9 +105,11 @@ class Proxy:
     async def _handle(self, ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self.gateway
         # 1. Ingress: one pass over the headers.
-        authorization = request_id = length = connection = None
+        authorization = request_id = length = connection = forwarded_for = None
         forward: dict[str, str] = {}
         for name, value in scope["headers"]:
+            if name == b"x-forwarded-for":
+                forwarded_for = value
             if name in _NOT_FORWARDED:
                 if name == b"authorization":
                     authorization = value
@@ -122,6 +131,13 @@ class Proxy:
 
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             raise Reject(errors.BODY_TOO_LARGE, self._too_large())
+        if gw.ip_limit is not None:
+            peer = scope["client"][0] if scope.get("client") else ""
+            wait = gw.ip_limit.check(gw.client_address.of(peer, forwarded_for))
+            if wait:
+                raise Reject(errors.RATE_LIMITED, "Too many requests from this address.", wait)
+
+        # 2. Who is asking, for what.
         key = gw.keys.authenticate(authorization)
         if key is None:
             raise Reject(
@@ -130,6 +146,9 @@ class Proxy:
                 if authorization
                 else "Missing API key: send it as 'Authorization: Bearer <key>'.",
             )
+        refusal = key.refusal(time.time())
+        if refusal is not None:
+            raise Reject(errors.INVALID_API_KEY, refusal)
         ex.key_name = key.name
 
         body = await self._read_body(receive)
@@ -139,8 +158,23 @@ class Proxy:
         data = _parse(body)
         model = data.get("model")
         ex.model = model if isinstance(model, str) else None
+        if key.models is not None and ex.model not in key.models:
+            raise Reject(
+                errors.MODEL_NOT_ALLOWED,
+                f"This API key may not use model {ex.model!r}; allowed: "
+                + ", ".join(sorted(key.models)),
+            )
 
-        # 2. Streams always ask the upstream for usage; the client sees it only if it asked.
+        # 3. Quota and per-key limits; the reservation is settled in Gateway.finish.
+        max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            max_tokens = self.default_reserve
+        admitted = gw.quota.admit(key, estimate_prompt_tokens(body) + max_tokens)
+        if isinstance(admitted, Refusal):
+            raise Reject(admitted.kind, admitted.message, admitted.retry_after)
+        ex.admission = admitted
+
+        # 4. Streams always ask the upstream for usage; the client sees it only if it asked.
         stream = data.get("stream", False)
         ex.stream = stream is True
         client_wants_usage = True
@@ -154,16 +188,15 @@ class Proxy:
                     data["stream_options"] = {**(options or {}), "include_usage": True}
                     body = json.dumps(data, ensure_ascii=False).encode()
 
-        # 3. Circuit breaker.
+        # 5. Circuit breaker.
         if not gw.breaker.allow():
-            retry = max(1, round(gw.breaker.retry_after()))
             raise Reject(
                 errors.UNAVAILABLE,
                 "The upstream is failing; the gateway's circuit breaker is open.",
-                [(b"retry-after", str(retry).encode())],
+                gw.breaker.retry_after(),
             )
 
-        # 4. Upstream call, cancelled when the client disconnects.
+        # 6. Upstream call, cancelled when the client disconnects.
         upstream = gw.upstream
         if upstream.authorization:
             forward["authorization"] = upstream.authorization
@@ -184,7 +217,7 @@ class Proxy:
         finally:
             watcher.cancel()
         if ex.usage is None and ex.streamed_chunks:
-            # 6. A stream that broke (or was abandoned) before its usage chunk.
+            # 8. A stream that broke (or was abandoned) before its usage chunk.
             chat = ex.route == "/v1/chat/completions"
             ex.usage = Usage(
                 prompt_tokens=estimate_prompt_tokens(body),
@@ -222,7 +255,7 @@ class Proxy:
             resp.release() if ex.completed else resp.close()
 
     async def _whole(self, ex: Exchange, send: Send, resp: aiohttp.ClientResponse) -> None:
-        """A JSON answer: read it all, count its usage, pass it on."""
+        """7. A JSON answer: read it all, count its usage, pass it on."""
         gw = self.gateway
         started = perf_counter()
         try:
@@ -262,7 +295,7 @@ class Proxy:
     async def _stream(
         self, ex: Exchange, send: Send, resp: aiohttp.ClientResponse, client_wants_usage: bool
     ) -> None:
-        """SSE: each read from the upstream goes to the client before the next read."""
+        """7. SSE: each read from the upstream goes to the client before the next read."""
         gw = self.gateway
         ex.status = 200
         ex.response_started = True

@@ -1,4 +1,4 @@
-"""The endpoints off the hot path, on FastAPI: health, readiness, models.
+"""The endpoints off the hot path, on FastAPI: health, readiness, models, usage.
 
 Errors raised here (and FastAPI's own 404/405/422) are rendered in the OpenAI shape by
 the handlers registered in `build_api`, like the proxy's.
@@ -105,5 +105,26 @@ def build_api(gateway: Gateway) -> FastAPI:
         if status != 200:
             raise GatewayError(errors.UPSTREAM_ERROR, f"The upstream answered {status}.")
         return Response(body, media_type="application/json")
+
+    @api.get("/v1/usage")
+    async def usage(request: Request) -> dict[str, object]:
+        """The caller's usage today, from the shared store (flushed first, so every
+        replica answers the same within the others' flush interval)."""
+        key = gateway.authenticate(request.headers.get("authorization"))
+        await gateway.quota.flush()
+        day, counts = gateway.quota.today(key.name)
+        limit = key.policy.tokens_per_day if key.policy else None
+        return {
+            "object": "usage",
+            "key": key.name,
+            "date": day,
+            "tokens_used": counts.tokens,
+            "prompt_tokens": counts.prompt_tokens,
+            "completion_tokens": counts.completion_tokens,
+            "requests": counts.requests,
+            "daily_limit": limit,
+            "remaining": max(0, limit - counts.tokens) if limit is not None else None,
+            "resets_at": f"{day}T24:00:00Z",
+        }
 
     return api

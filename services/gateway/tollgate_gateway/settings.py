@@ -8,6 +8,7 @@ once at start; a bad value stops the process with one line per problem.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Literal
 
 from pydantic import AnyHttpUrl, Field, ValidationError, field_validator
@@ -29,8 +30,30 @@ class Settings(BaseSettings):
     gateway_port: int = Field(8080, ge=0, le=65535)
     # Comma-separated client keys; `name:key` gives a key a name for logs and metrics.
     gateway_api_keys: Annotated[list[str], NoDecode] = []
+    # The configuration document (keys by hash, policies), reloaded when it changes.
     gateway_config_file: str | None = None
-    database_url: str | None = None
+    gateway_config_poll_seconds: Seconds = 0.25
+    # The policy of GATEWAY_API_KEYS keys; unset limits are unlimited.
+    gateway_default_requests_per_minute: int | None = Field(None, ge=1)
+    gateway_default_tokens_per_minute: int | None = Field(None, ge=1)
+    gateway_default_tokens_per_day: int | None = Field(None, ge=1)
+    gateway_default_max_concurrent_requests: int | None = Field(None, ge=1)
+
+    # Per-IP rate limit (GCRA); 0 turns it off. X-Forwarded-For is believed only from
+    # peers in these comma-separated CIDRs.
+    gateway_ip_rate_per_second: float = Field(1000.0, ge=0)
+    gateway_ip_burst: int = Field(2000, ge=1)
+    gateway_trusted_proxies: Annotated[list[str], NoDecode] = []
+
+    # The quota store: sqlite:///relative/path.db (embedded default) or postgresql://...
+    database_url: str = "sqlite:///tollgate-usage.db"
+    # Postgres schema for the gateway's tables (created if missing).
+    quota_db_schema: str = Field("public", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    quota_flush_interval_seconds: Seconds = 1.0
+    # When the store is down: admit on the last known totals (false) or refuse with 503.
+    quota_fail_closed: bool = False
+    # Tokens reserved at admission for a request without max_tokens.
+    quota_default_reserve_tokens: int = Field(1024, ge=0)
 
     # Ingress
     gateway_max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
@@ -57,7 +80,7 @@ class Settings(BaseSettings):
     enable_otlp_tracing: bool = False
     otlp_endpoint: str | None = None
 
-    @field_validator("gateway_api_keys", mode="before")
+    @field_validator("gateway_api_keys", "gateway_trusted_proxies", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -68,6 +91,20 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("gateway_trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)  # ValueError names the bad one
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _store_url(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgres://", "postgresql://")):
+            raise ValueError("must start with sqlite:///, postgres:// or postgresql://")
+        return value
 
     @property
     def upstream_base(self) -> str:

@@ -10,9 +10,7 @@ tokens from the request's size, so usage is never lost, only marked inexact.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
 
 _decoder = json.JSONDecoder()
 # Bytes per prompt token assumed when the upstream never said (a broken stream).
@@ -59,26 +57,3 @@ def usage_from_body(body: bytes) -> Usage | None:
 
 def estimate_prompt_tokens(body: bytes) -> int:
     return max(1, len(body) // BYTES_PER_TOKEN_ESTIMATE)
-
-
-class UsageSink(Protocol):
-    """Where counted usage goes. Called on the request path: it must not block."""
-
-    def record(self, key_name: str, model: str, usage: Usage) -> None: ...
-
-    async def aclose(self) -> None: ...
-
-
-@dataclass
-class UsageTotals:
-    """The embedded sink: totals per key since start (the quota store replaces it)."""
-
-    tokens: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    requests: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-
-    def record(self, key_name: str, model: str, usage: Usage) -> None:
-        self.tokens[key_name] += usage.total_tokens
-        self.requests[key_name] += 1
-
-    async def aclose(self) -> None:
-        return None

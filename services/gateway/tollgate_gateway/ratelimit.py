@@ -1,0 +1,69 @@
+"""The per-IP rate limit (GCRA), and which IP a request comes from.
+
+GCRA keeps one number per client, its theoretical arrival time: a request is allowed when
+that time is at most `burst - 1` emission intervals ahead of now, and moves it one
+interval further. Exact for any burst, O(1), no timers. It protects each replica, so it
+is local by design. Clients idle long enough to be back at a full burst are dropped from
+the table on a sweep.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Callable, Iterable
+
+
+class Gcra:
+    def __init__(
+        self, rate_per_second: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = 1.0 / rate_per_second
+        self.tolerance = self.interval * (max(1, burst) - 1)
+        self._clock = clock
+        self._tat: dict[str, float] = {}
+        self._next_sweep = 0.0
+
+    def check(self, client: str) -> float:
+        """0 if allowed (and counted), else the seconds until the client may retry."""
+        now = self._clock()
+        tat = self._tat.get(client, now)
+        if tat < now:
+            tat = now
+        if tat - now > self.tolerance:
+            return tat - self.tolerance - now
+        self._tat[client] = tat + self.interval
+        if now >= self._next_sweep:
+            self._sweep(now)
+        return 0.0
+
+    def _sweep(self, now: float) -> None:
+        self._tat = {c: t for c, t in self._tat.items() if t > now}
+        self._next_sweep = now + 10.0
+
+
+class ClientAddress:
+    """The client's IP: the peer's, or from X-Forwarded-For when the peer is a trusted
+    proxy (then the right-most address that is not itself a trusted proxy)."""
+
+    def __init__(self, trusted_cidrs: Iterable[str]) -> None:
+        self.trusted = [ipaddress.ip_network(c.strip(), strict=False) for c in trusted_cidrs]
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.strip())
+        except ValueError:
+            return False
+        return any(ip in network for network in self.trusted)
+
+    def of(self, peer: str, forwarded_for: bytes | None) -> str:
+        if not self.trusted or not forwarded_for or not self._is_trusted(peer):
+            return peer
+        hops = [h.strip() for h in forwarded_for.decode("latin-1").split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not self._is_trusted(hop):
+                try:
+                    return str(ipaddress.ip_address(hop))
+                except ValueError:
+                    return peer  # garbage in the header: fall back to what we know
+        return hops[0] if hops else peer

@@ -1,0 +1,82 @@
+"""Quota stores: where usage counters live, shared by every replica.
+
+One interface, two implementations: SQLite (the embedded default, one process) and
+Postgres (several replicas). The gateway never waits on a store per request: it keeps
+local counters and calls `flush` on a timer with the deltas since the last flush; the
+store adds them atomically and answers with the global totals of the windows the replica
+tracks, which the next admissions use.
+
+A batch carries `(replica_id, seq)`. A store applies a given batch at most once, so a
+flush whose answer was lost (the database went away after committing) can be retried
+with the same batch without counting it twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(slots=True)
+class Counts:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    requests: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def add(self, other: Counts) -> None:
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.requests += other.requests
+
+
+# A day window is (key name, "YYYY-MM-DD" in UTC); a minute window (key name, unix minute).
+DayWindow = tuple[str, str]
+MinuteWindow = tuple[str, int]
+
+
+@dataclass(slots=True)
+class Batch:
+    replica_id: str
+    seq: int
+    days: dict[DayWindow, Counts] = field(default_factory=dict)
+    minutes: dict[MinuteWindow, Counts] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Totals:
+    days: dict[DayWindow, Counts] = field(default_factory=dict)
+    minutes: dict[MinuteWindow, Counts] = field(default_factory=dict)
+
+
+class QuotaStore(Protocol):
+    async def start(self) -> None:
+        """Connect, and create or migrate the schema (safe when replicas start at once)."""
+
+    async def flush(
+        self, batch: Batch, read_days: list[DayWindow], read_minutes: list[MinuteWindow]
+    ) -> Totals:
+        """Add `batch` (at most once) and return the global totals of the batch's windows
+        and of the `read_*` windows. Raises on any failure; the caller retries."""
+
+    async def day_usage(self, key_name: str, day: str) -> Counts:
+        """One key's global usage for one UTC day."""
+
+    async def close(self) -> None: ...
+
+
+def open_store(url: str, schema: str = "public") -> QuotaStore:
+    """The store a `DATABASE_URL` names: `sqlite:///relative.db`, `sqlite:////abs.db`
+    (SQLAlchemy's convention), or `postgresql://…`."""
+    if url.startswith("sqlite:///"):
+        from tollgate_gateway.stores.sqlite import SqliteStore
+
+        return SqliteStore(url.removeprefix("sqlite:///"))
+    if url.startswith(("postgres://", "postgresql://")):
+        from tollgate_gateway.stores.postgres import PostgresStore
+
+        return PostgresStore(url, schema)
+    raise ValueError("DATABASE_URL must start with sqlite:/// or postgresql://")

@@ -7,8 +7,7 @@ import time
 import httpx
 import openai
 import pytest
-from conftest import KEY_A
-from servers import wait_until
+from servers import KEY_A, wait_until
 
 from tollgate_gateway.breaker import CircuitBreaker, State
 

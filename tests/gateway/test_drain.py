@@ -7,8 +7,7 @@ import threading
 import time
 
 import httpx
-from conftest import KEY_A
-from servers import wait_until
+from servers import KEY_A, wait_until
 
 BODY = {"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 10}
 HEADERS = {"authorization": f"Bearer {KEY_A}", "x-sim-itl-ms": "150"}

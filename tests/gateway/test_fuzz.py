@@ -8,10 +8,9 @@ import json
 
 import httpx
 import pytest
-from conftest import KEY_A
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from servers import Gateway
+from servers import KEY_A, Gateway
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),

@@ -5,8 +5,7 @@ from __future__ import annotations
 import httpx
 import openai
 import pytest
-from conftest import KEY_A
-from servers import Gateway, Sim
+from servers import KEY_A, Gateway, Sim
 
 MESSAGES = [{"role": "user", "content": "say hello to the gateway"}]
 

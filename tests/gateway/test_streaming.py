@@ -7,8 +7,7 @@ import re
 import time
 
 import httpx
-from conftest import KEY_A
-from servers import Gateway, Sim, wait_until
+from servers import KEY_A, Gateway, Sim, wait_until
 
 CHAT = {"messages": [{"role": "user", "content": "stream please"}], "stream": True}
 AUTH = {"authorization": f"Bearer {KEY_A}"}

@@ -16,6 +16,9 @@ from typing import Any
 import httpx
 
 BIN = Path(sys.executable).parent
+# The keys every test gateway knows (GATEWAY_API_KEYS), as team-a and team-b.
+KEY_A = "sk-test-a"
+KEY_B = "sk-test-b"
 
 
 def free_port() -> int:
@@ -106,7 +109,7 @@ class Gateway(Process):
             "VLLM_URL": upstream,
             "GATEWAY_HOST": "127.0.0.1",
             "GATEWAY_PORT": str(self.port),
-            "GATEWAY_API_KEYS": "team-a:sk-test-a,team-b:sk-test-b",
+            "GATEWAY_API_KEYS": f"team-a:{KEY_A},team-b:{KEY_B}",
             "UPSTREAM_HEALTH_INTERVAL_SECONDS": "0.2",
             "DATABASE_URL": f"sqlite:///{tmp}/usage-{self.port}.db",
             **(env or {}),

@@ -1,5 +1,6 @@
-"""Fixtures: one simulator and one gateway shared by the tests that only send traffic,
-and factories for tests that need their own (faults, drain, other settings)."""
+"""Fixtures for every suite that runs the gateway: one simulator and one gateway shared by
+the tests that only send traffic, and factories for tests that need their own (faults,
+drain, limits, other settings). The processes themselves are in support/servers.py."""
 
 from __future__ import annotations
 
@@ -8,10 +9,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from servers import Gateway, Sim
-
-KEY_A = "sk-test-a"
-KEY_B = "sk-test-b"
+from servers import KEY_A, Gateway, Sim
 
 
 @pytest.fixture(scope="session")

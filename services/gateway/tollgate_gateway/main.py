@@ -68,6 +68,8 @@ def main() -> None:
         access_log=False,
         log_config=None,
         server_header=False,
+        # The gateway decides itself whether to believe X-Forwarded-For (ratelimit.py).
+        proxy_headers=False,
         timeout_graceful_shutdown=int(settings.gateway_drain_seconds),
         backlog=2048,
     )

@@ -21,6 +21,7 @@ from tollgate_gateway.errors import GatewayError
 from tollgate_gateway.exchange import Exchange
 from tollgate_gateway.keys import ApiKey, KeyRing, env_keys
 from tollgate_gateway.logs import AccessLog
+from tollgate_gateway.metrics import GatewayMetrics
 from tollgate_gateway.proxy import PROXY_PATHS, Proxy
 from tollgate_gateway.quota import QuotaLedger
 from tollgate_gateway.ratelimit import ClientAddress, Gcra
@@ -49,7 +50,6 @@ class Gateway:
             self._use_keys,
             settings.gateway_config_poll_seconds,
         )
-        self.config.load()  # ConfigError stops the start
         self.ip_limit = (
             Gcra(settings.gateway_ip_rate_per_second, settings.gateway_ip_burst)
             if settings.gateway_ip_rate_per_second > 0
@@ -64,13 +64,18 @@ class Gateway:
         self.breaker = CircuitBreaker(
             settings.breaker_failure_threshold, settings.breaker_open_seconds
         )
-        self.upstream = Upstream(settings)
+        self.upstream = Upstream(settings, on_models=self._update_known_models)
+        self.inflight = 0
         self._config_task: asyncio.Task[None] | None = None
         self.access_log = AccessLog()
         self.draining = False
         self.started_at = int(time.time())
         self.proxy = Proxy(self)
         self.api = build_api(self)
+        # Its collector reads the attributes above when it is registered.
+        self.metrics = GatewayMetrics(self)
+        self.quota.on_flush = self.metrics.quota_flush.observe
+        self.config.load()  # ConfigError stops the start
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in PROXY_PATHS:
@@ -86,6 +91,15 @@ class Gateway:
     def _use_keys(self, keys: KeyRing, version: str) -> None:
         self.keys = keys
         self.config_version = version
+        self._update_known_models()
+
+    def _update_known_models(self) -> None:
+        """Models that get their own metrics label: served, listed upstream, or allowed."""
+        known = set(self.upstream.models)
+        if self.settings.served_model_name:
+            known.add(self.settings.served_model_name)
+        known.update(self.keys.models())
+        self.metrics.set_known_models(known)
 
     async def startup(self) -> None:
         await self.quota.store.start()
@@ -141,4 +155,6 @@ class Gateway:
         """The one accounting hook: every request ends here, whatever happened to it."""
         if ex.admission is not None:
             self.quota.settle(ex.admission, ex.usage)
-        self.access_log.write(ex, perf_counter() - ex.started)
+        latency = perf_counter() - ex.started
+        self.metrics.observe(ex, latency)
+        self.access_log.write(ex, latency)

@@ -36,6 +36,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._probe_in_flight = False
+        self.transitions: dict[tuple[str, str], int] = {}
 
     @property
     def state(self) -> State:
@@ -81,4 +82,6 @@ class CircuitBreaker:
             state.value,
             extra={"event": "breaker", "from": self._state.value, "to": state.value},
         )
+        pair = (self._state.value, state.value)
+        self.transitions[pair] = self.transitions.get(pair, 0) + 1
         self._state = state

@@ -20,6 +20,10 @@ class Exchange:
     stream: bool = False
     status: int = 0
     error: str | None = None
+    # Why the gateway refused the request itself (metrics' rejection reason), if it did.
+    rejection: str | None = None
+    # What went wrong with the upstream (unreachable, timeout, error, ...), if anything.
+    upstream_error: str | None = None
     upstream_status: int | None = None
     # Time spent waiting on the upstream (headers, and the body of a non-stream answer):
     # the gateway's own overhead is the rest.

@@ -87,6 +87,10 @@ class KeyRing:
     def names(self) -> set[str]:
         return {key.name for key in self._by_hash.values()}
 
+    def models(self) -> set[str]:
+        """Every model some key's allow-list names."""
+        return {m for key in self._by_hash.values() if key.models for m in key.models}
+
     def authenticate(self, authorization: bytes | None) -> ApiKey | None:
         """The key behind an `Authorization: Bearer <key>` header value, if known."""
         if not authorization or authorization[:7].lower() != b"bearer ":

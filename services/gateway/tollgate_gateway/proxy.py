@@ -70,13 +70,24 @@ _UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
 class Reject(Exception):
-    """A request refused before any response byte was sent."""
+    """A request answered with an error before any response byte was sent: refused by the
+    gateway itself (`reason`, for metrics), or failed at the upstream (`upstream`)."""
 
-    def __init__(self, kind: ErrorKind, message: str, retry_after: float | None = None):
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        retry_after: float | None = None,
+        *,
+        reason: str | None = None,
+        upstream: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
-        self.headers = []
+        self.reason = reason
+        self.upstream = upstream
+        self.headers: list[tuple[bytes, bytes]] = []
         if retry_after is not None:
             self.headers.append((b"retry-after", b"%d" % max(1, round(retry_after))))
 
@@ -89,10 +100,13 @@ class Proxy:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex = Exchange(route=scope["path"], started=perf_counter())
+        self.gateway.inflight += 1
         try:
             await self._handle(ex, scope, receive, send)
         except Reject as reject:
             ex.status, ex.error = reject.kind.status, reject.kind.code
+            ex.rejection = reject.reason
+            ex.upstream_error = reject.upstream or ex.upstream_error
             await send_error(send, reject.kind, reject.message, ex.request_id, reject.headers)
         except Exception:
             log.exception("unexpected error", extra={"request_id": ex.request_id})
@@ -100,6 +114,7 @@ class Proxy:
             if not ex.response_started:
                 await send_error(send, errors.INTERNAL, "Internal gateway error.", ex.request_id)
         finally:
+            self.gateway.inflight -= 1
             self.gateway.finish(ex)
 
     async def _handle(self, ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
@@ -130,12 +145,17 @@ class Proxy:
             ex.request_id = uuid.uuid4().hex
 
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            raise Reject(errors.BODY_TOO_LARGE, self._too_large())
+            raise Reject(errors.BODY_TOO_LARGE, self._too_large(), reason="size")
         if gw.ip_limit is not None:
             peer = scope["client"][0] if scope.get("client") else ""
             wait = gw.ip_limit.check(gw.client_address.of(peer, forwarded_for))
             if wait:
-                raise Reject(errors.RATE_LIMITED, "Too many requests from this address.", wait)
+                raise Reject(
+                    errors.RATE_LIMITED,
+                    "Too many requests from this address.",
+                    wait,
+                    reason="ip_rate",
+                )
 
         # 2. Who is asking, for what.
         key = gw.keys.authenticate(authorization)
@@ -145,10 +165,11 @@ class Proxy:
                 "Incorrect API key provided."
                 if authorization
                 else "Missing API key: send it as 'Authorization: Bearer <key>'.",
+                reason="auth",
             )
         refusal = key.refusal(time.time())
         if refusal is not None:
-            raise Reject(errors.INVALID_API_KEY, refusal)
+            raise Reject(errors.INVALID_API_KEY, refusal, reason="auth")
         ex.key_name = key.name
 
         body = await self._read_body(receive)
@@ -163,6 +184,7 @@ class Proxy:
                 errors.MODEL_NOT_ALLOWED,
                 f"This API key may not use model {ex.model!r}; allowed: "
                 + ", ".join(sorted(key.models)),
+                reason="model",
             )
 
         # 3. Quota and per-key limits; the reservation is settled in Gateway.finish.
@@ -171,7 +193,9 @@ class Proxy:
             max_tokens = self.default_reserve
         admitted = gw.quota.admit(key, estimate_prompt_tokens(body) + max_tokens)
         if isinstance(admitted, Refusal):
-            raise Reject(admitted.kind, admitted.message, admitted.retry_after)
+            raise Reject(
+                admitted.kind, admitted.message, admitted.retry_after, reason=admitted.reason
+            )
         ex.admission = admitted
 
         # 4. Streams always ask the upstream for usage; the client sees it only if it asked.
@@ -194,6 +218,7 @@ class Proxy:
                 errors.UNAVAILABLE,
                 "The upstream is failing; the gateway's circuit breaker is open.",
                 gw.breaker.retry_after(),
+                reason="breaker",
             )
 
         # 6. Upstream call, cancelled when the client disconnects.
@@ -268,6 +293,7 @@ class Proxy:
         status = resp.status
         if status >= 500:
             gw.breaker.failure()
+            ex.upstream_error = "status_5xx"
         else:
             gw.breaker.success()
         if status == 200:
@@ -276,6 +302,7 @@ class Proxy:
             raise Reject(
                 errors.UPSTREAM_ERROR,
                 f"The upstream refused the gateway's credentials ({status}); check VLLM_API_KEY.",
+                upstream="credentials",
             )
         elif status >= 400 and not errors.is_openai_error(payload):
             kind = ErrorKind(status, "upstream_error", "upstream_error")
@@ -332,6 +359,7 @@ class Proxy:
         if broken is not None:
             gw.breaker.failure()
             ex.error = errors.UPSTREAM_STREAM_BROKEN.code
+            ex.upstream_error = "stream_broken"
             message = f"The upstream stream broke: {_describe(broken)}"
             tail += b"data: " + errors.error_body(errors.UPSTREAM_STREAM_BROKEN, message) + b"\n\n"
         else:
@@ -351,7 +379,7 @@ class Proxy:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                raise Reject(errors.BODY_TOO_LARGE, self._too_large())
+                raise Reject(errors.BODY_TOO_LARGE, self._too_large(), reason="size")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -364,14 +392,20 @@ def _parse(body: bytes) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise Reject(errors.INVALID_JSON, f"The request body is not valid JSON: {exc}") from None
+        raise Reject(
+            errors.INVALID_JSON, f"The request body is not valid JSON: {exc}", reason="invalid"
+        ) from None
     if not isinstance(data, dict):
-        raise Reject(errors.INVALID_JSON, "The request body must be a JSON object.")
+        raise Reject(
+            errors.INVALID_JSON, "The request body must be a JSON object.", reason="invalid"
+        )
     if "stream" in data and not isinstance(data["stream"], bool):
-        raise Reject(errors.INVALID_REQUEST, "'stream' must be a boolean.")
+        raise Reject(errors.INVALID_REQUEST, "'stream' must be a boolean.", reason="invalid")
     options = data.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise Reject(errors.INVALID_REQUEST, "'stream_options' must be an object.")
+        raise Reject(
+            errors.INVALID_REQUEST, "'stream_options' must be an object.", reason="invalid"
+        )
     return data
 
 
@@ -388,10 +422,20 @@ async def _watch_disconnect(receive: Receive, ex: Exchange, task: asyncio.Task[A
 
 def _upstream_reject(exc: BaseException) -> Reject:
     if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
-        return Reject(errors.UPSTREAM_TIMEOUT, "The upstream did not answer in time.")
+        return Reject(
+            errors.UPSTREAM_TIMEOUT, "The upstream did not answer in time.", upstream="timeout"
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return Reject(errors.UPSTREAM_UNREACHABLE, f"The upstream is unreachable: {_describe(exc)}")
-    return Reject(errors.UPSTREAM_ERROR, f"The upstream connection failed: {_describe(exc)}")
+        return Reject(
+            errors.UPSTREAM_UNREACHABLE,
+            f"The upstream is unreachable: {_describe(exc)}",
+            upstream="unreachable",
+        )
+    return Reject(
+        errors.UPSTREAM_ERROR,
+        f"The upstream connection failed: {_describe(exc)}",
+        upstream="error",
+    )
 
 
 def _describe(exc: BaseException) -> str:

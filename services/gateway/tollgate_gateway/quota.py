@@ -60,6 +60,7 @@ class Refusal:
     kind: ErrorKind
     message: str
     retry_after: int
+    reason: str  # the metrics' rejection reason
 
 
 class QuotaLedger:
@@ -89,7 +90,9 @@ class QuotaLedger:
         self._day_text = ""
         self.store_ok = True
         self.flush_errors = 0
-        self.last_flush_seconds = 0.0
+        self.last_flush_at = 0.0
+        # Called with each successful flush's duration (the metrics histogram).
+        self.on_flush: Callable[[float], None] = lambda seconds: None
 
     # Start and stop
 
@@ -134,6 +137,7 @@ class QuotaLedger:
                 errors.QUOTA_STORE_UNAVAILABLE,
                 "The quota store is unavailable and this gateway fails closed.",
                 max(1, round(self.flush_interval)),
+                "quota_store",
             )
         day = self._day(now)
         minute = int(now // 60)
@@ -147,6 +151,7 @@ class QuotaLedger:
                     errors.RATE_LIMITED,
                     f"Too many concurrent requests for this key (limit {limit}).",
                     1,
+                    "concurrency",
                 )
             limit = policy.tokens_per_day
             if limit is not None and self._day_counts(name, day).tokens + reserved >= limit:
@@ -154,6 +159,7 @@ class QuotaLedger:
                     errors.QUOTA_EXCEEDED,
                     f"This key's daily quota of {limit} tokens is used up; it resets at 00:00 UTC.",
                     math.ceil(86400 - now % 86400),
+                    "quota",
                 )
             rpm, tpm = policy.requests_per_minute, policy.tokens_per_minute
             if rpm is not None or tpm is not None:
@@ -167,6 +173,7 @@ class QuotaLedger:
                             errors.RATE_LIMITED,
                             f"Rate limit reached: {rpm} requests per minute for this key.",
                             max(1, math.ceil(wait)),
+                            "rate",
                         )
                 if tpm is not None:
                     wait = _sliding_wait(prev.tokens, cur.tokens + reserved + 1, tpm, frac)
@@ -175,6 +182,7 @@ class QuotaLedger:
                             errors.RATE_LIMITED,
                             f"Rate limit reached: {tpm} tokens per minute for this key.",
                             max(1, math.ceil(wait)),
+                            "rate",
                         )
         self._reserved[name] = reserved + reserve
         self._inflight[name] = inflight + 1
@@ -233,7 +241,8 @@ class QuotaLedger:
                     )
                 self.store_ok = False
                 return False
-            self.last_flush_seconds = time.perf_counter() - started
+            self.on_flush(time.perf_counter() - started)
+            self.last_flush_at = now
             self._global_days.update(totals.days)
             self._global_minutes.update(totals.minutes)
             self._sending = None
@@ -245,6 +254,11 @@ class QuotaLedger:
             self.store_ok = True
             self._forget_old(now, day, minute)
             return True
+
+    def buffered_deltas(self) -> int:
+        sending = self._sending
+        pending = len(self._pending.days) + len(self._pending.minutes)
+        return pending + (len(sending.days) + len(sending.minutes) if sending else 0)
 
     def _has_deltas(self) -> bool:
         return bool(self._pending.days or self._pending.minutes or self._sending)

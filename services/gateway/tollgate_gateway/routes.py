@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 
 from tollgate_gateway import errors
 from tollgate_gateway.errors import GatewayError
+from tollgate_gateway.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from tollgate_gateway.app import Gateway
@@ -78,6 +79,11 @@ def build_api(gateway: Gateway) -> FastAPI:
         if problems:
             return _error_response(errors.NOT_READY, "Not ready: " + "; ".join(problems))
         return JSONResponse({"status": "ready"})
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus exposition; no key (scrapers are kept out by the network)."""
+        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
 
     @api.get("/v1/models")
     async def models(request: Request) -> Response:

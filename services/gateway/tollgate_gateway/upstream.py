@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+from collections.abc import Callable
 
 import aiohttp
 from yarl import URL
@@ -27,7 +29,7 @@ KEEPALIVE_SECONDS = 4.0
 
 
 class Upstream:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, on_models: Callable[[], None] = lambda: None) -> None:
         base = settings.upstream_base
         self.base = base
         self.url = {
@@ -53,6 +55,9 @@ class Upstream:
         self._health_timeout = aiohttp.ClientTimeout(total=min(2.0, self._health_interval))
         self.session: aiohttp.ClientSession | None = None
         self.healthy = False
+        # The model ids the upstream lists (/v1/models), read when it becomes healthy.
+        self.models: frozenset[str] = frozenset()
+        self._on_models = on_models
         self._health_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -86,6 +91,8 @@ class Upstream:
                 healthy = r.status == 200
         except (aiohttp.ClientError, TimeoutError):
             healthy = False
+        if healthy and not self.healthy:
+            await self._read_models()
         if healthy != self.healthy:
             log.log(
                 logging.INFO if healthy else logging.WARNING,
@@ -95,6 +102,21 @@ class Upstream:
             )
         self.healthy = healthy
         return healthy
+
+    async def _read_models(self) -> None:
+        assert self.session is not None
+        headers = {"authorization": self.authorization} if self.authorization else {}
+        try:
+            async with self.session.get(
+                self.url["/v1/models"], headers=headers, timeout=self._health_timeout
+            ) as r:
+                listed = json.loads(await r.read())["data"] if r.status == 200 else []
+            models = frozenset(m["id"] for m in listed if isinstance(m.get("id"), str))
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
+            return
+        if models != self.models:
+            self.models = models
+            self._on_models()
 
     async def _poll_health(self) -> None:
         while True:

@@ -1,0 +1,278 @@
+"""Every Prometheus metric the gateway exports: names, help texts and labels, defined here
+once (the dashboard, the alert rules and the tests read these names).
+
+The request path touches metrics in one place, `GatewayMetrics.observe`, at the end of a
+request, with label children cached per label tuple (a dict lookup instead of
+prometheus-client's locked `labels()` per call). State that already lives elsewhere
+(breaker, in-flight count, quota store, config) is read at scrape time by a collector,
+never updated on the request path.
+
+Cardinality is bounded: `key` is a key's *name* from the configuration (never a key or a
+hash); `model` is a model the gateway knows (served, listed by the upstream, or named in a
+key's allow-list), anything else is folded into "other".
+
+Where OpenTelemetry's GenAI semantic conventions define a measure, these follow its
+meaning: `tollgate_time_to_first_token_seconds` is `gen_ai.server.time_to_first_token`,
+`tollgate_time_per_output_token_seconds` is `gen_ai.server.time_per_output_token`, and
+`tollgate_tokens_total{type="input"|"output"}` counts `gen_ai.client.token.usage` by
+`gen_ai.token.type`.
+
+One process per pod: the gateway runs a single uvicorn process (no `--workers`), so these
+in-process metrics are complete; scale with replicas.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from tollgate_gateway import __version__
+
+if TYPE_CHECKING:
+    from tollgate_gateway.app import Gateway
+    from tollgate_gateway.exchange import Exchange
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# `*_created` series double the exposition and no dashboard or alert uses them.
+disable_created_metrics()
+OTHER_MODEL = "other"
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TTFT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 30)
+_TPOT = (0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1)
+_OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+# The `reason` label of tollgate_rejections_total.
+REJECTION_REASONS = (
+    "size",
+    "ip_rate",
+    "auth",
+    "invalid",
+    "model",
+    "concurrency",
+    "quota",
+    "rate",
+    "breaker",
+    "quota_store",
+)
+
+
+class GatewayMetrics:
+    def __init__(self, gateway: Gateway) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.requests = Counter(
+            "tollgate_requests",
+            "Requests answered, by route, model, key name and HTTP status.",
+            ["route", "model", "key", "status"],
+            registry=reg,
+        )
+        self.duration = Histogram(
+            "tollgate_request_duration_seconds",
+            "Time from request to the last response byte, by route and model.",
+            ["route", "model", "stream"],
+            buckets=_LATENCY,
+            registry=reg,
+        )
+        self.ttft = Histogram(
+            "tollgate_time_to_first_token_seconds",
+            "Streams: time from request to the first streamed chunk"
+            " (gen_ai.server.time_to_first_token).",
+            ["model"],
+            buckets=_TTFT,
+            registry=reg,
+        )
+        self.tpot = Histogram(
+            "tollgate_time_per_output_token_seconds",
+            "Streams: time per output token after the first (gen_ai.server.time_per_output_token).",
+            ["model"],
+            buckets=_TPOT,
+            registry=reg,
+        )
+        self.overhead = Histogram(
+            "tollgate_gateway_overhead_seconds",
+            "Time spent in the gateway itself, excluding waits on the upstream.",
+            ["route"],
+            buckets=_OVERHEAD,
+            registry=reg,
+        )
+        self.upstream_latency = Histogram(
+            "tollgate_upstream_latency_seconds",
+            "Time spent waiting on the upstream (response headers, body, stream chunks).",
+            ["route"],
+            buckets=_LATENCY,
+            registry=reg,
+        )
+        self.tokens = Counter(
+            "tollgate_tokens",
+            "Tokens counted from the upstream's usage, by key name, model and type"
+            " (input = prompt, output = completion; gen_ai.client.token.usage).",
+            ["key", "model", "type"],
+            registry=reg,
+        )
+        self.rejections = Counter(
+            "tollgate_rejections",
+            "Requests refused by the gateway before reaching the upstream, by reason: "
+            + ", ".join(REJECTION_REASONS)
+            + ".",
+            ["reason"],
+            registry=reg,
+        )
+        self.upstream_errors = Counter(
+            "tollgate_upstream_errors",
+            "Upstream failures seen by the gateway, by kind (unreachable, timeout,"
+            " error, stream_broken, status_5xx).",
+            ["kind"],
+            registry=reg,
+        )
+        self.quota_flush = Histogram(
+            "tollgate_quota_flush_duration_seconds",
+            "Duration of successful flushes of usage to the quota store.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=reg,
+        )
+        reg.register(_StateCollector(gateway))
+        ProcessCollector(registry=reg)
+        self._known_models: frozenset[str] = frozenset()
+        self._children: dict[tuple[Any, ...], Callable[..., None]] = {}
+
+    def set_known_models(self, models: Iterable[str]) -> None:
+        self._known_models = frozenset(models)
+
+    def model_label(self, model: str | None) -> str:
+        if not model:
+            return "default"
+        return model if model in self._known_models else OTHER_MODEL
+
+    def observe(self, ex: Exchange, latency: float) -> None:
+        """Everything one request contributes; called once, when it ends."""
+        model = self.model_label(ex.model)
+        key = ex.key_name or "none"
+        route = ex.route
+        self._inc(self.requests, (route, model, key, str(ex.status)))
+        if ex.rejection is not None:
+            self._inc(self.rejections, (ex.rejection,))
+            return
+        self._observe(self.duration, (route, model, "true" if ex.stream else "false"), latency)
+        self._observe(self.overhead, (route,), latency - ex.upstream_seconds)
+        if ex.upstream_status is not None or ex.upstream_seconds:
+            self._observe(self.upstream_latency, (route,), ex.upstream_seconds)
+        if ex.upstream_error is not None:
+            self._inc(self.upstream_errors, (ex.upstream_error,))
+        usage = ex.usage
+        if usage is not None:
+            if usage.prompt_tokens:
+                self._inc(self.tokens, (key, model, "input"), usage.prompt_tokens)
+            if usage.completion_tokens:
+                self._inc(self.tokens, (key, model, "output"), usage.completion_tokens)
+        if ex.stream and ex.ttft_seconds is not None:
+            self._observe(self.ttft, (model,), ex.ttft_seconds)
+            if usage is not None and usage.completion_tokens > 1:
+                per_token = (latency - ex.ttft_seconds) / (usage.completion_tokens - 1)
+                self._observe(self.tpot, (model,), per_token)
+
+    def _inc(self, metric: Counter, labels: tuple[str, ...], amount: float = 1) -> None:
+        child = self._children.get((id(metric), *labels))
+        if child is None:
+            child = self._children[(id(metric), *labels)] = metric.labels(*labels).inc
+        child(amount)
+
+    def _observe(self, metric: Histogram, labels: tuple[str, ...], value: float) -> None:
+        child = self._children.get((id(metric), *labels))
+        if child is None:
+            child = self._children[(id(metric), *labels)] = metric.labels(*labels).observe
+        child(value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    """Gauges read from the gateway's own state at scrape time."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    def collect(self) -> Iterable[Any]:
+        gw = self.gateway
+        info = InfoMetricFamily("tollgate_build", "Version of the running gateway.")
+        info.add_metric([], {"version": __version__, "python": platform.python_version()})
+        yield info
+        yield GaugeMetricFamily(
+            "tollgate_requests_in_flight", "Requests being proxied now.", value=gw.inflight
+        )
+        yield GaugeMetricFamily(
+            "tollgate_upstream_up",
+            "1 when the upstream's /health answered 200 at the last poll.",
+            value=1 if gw.upstream.healthy else 0,
+        )
+        state = GaugeMetricFamily(
+            "tollgate_circuit_breaker_state",
+            "The circuit breaker's state: 1 for the current one.",
+            labels=["state"],
+        )
+        current = gw.breaker.state.value
+        for name in ("closed", "open", "half_open"):
+            state.add_metric([name], 1 if name == current else 0)
+        yield state
+        transitions = CounterMetricFamily(
+            "tollgate_circuit_breaker_transitions",
+            "Circuit breaker state changes.",
+            labels=["from_state", "to_state"],
+        )
+        for (old, new), count in gw.breaker.transitions.items():
+            transitions.add_metric([old, new], count)
+        yield transitions
+        yield GaugeMetricFamily(
+            "tollgate_draining", "1 after SIGTERM, while draining.", value=int(gw.draining)
+        )
+        config = InfoMetricFamily(
+            "tollgate_config", "The configuration document in use (its content hash)."
+        )
+        config.add_metric([], {"version": gw.config_version})
+        yield config
+        yield GaugeMetricFamily(
+            "tollgate_config_keys", "Keys in the configuration in use.", value=len(gw.keys)
+        )
+        reloads = CounterMetricFamily(
+            "tollgate_config_reloads",
+            "Reloads of the configuration document, by result (a failed one keeps the last"
+            " good document).",
+            labels=["result"],
+        )
+        reloads.add_metric(["ok"], gw.config.reloads_ok)
+        reloads.add_metric(["failed"], gw.config.reloads_failed)
+        yield reloads
+        quota = gw.quota
+        yield GaugeMetricFamily(
+            "tollgate_quota_store_up",
+            "1 when the last flush to the quota store succeeded.",
+            value=int(quota.store_ok),
+        )
+        yield GaugeMetricFamily(
+            "tollgate_quota_buffered_deltas",
+            "Usage counters (key x window) not yet flushed to the quota store.",
+            value=quota.buffered_deltas(),
+        )
+        yield CounterMetricFamily(
+            "tollgate_quota_flush_errors",
+            "Failed flushes to the quota store (usage stays buffered and is retried).",
+            value=quota.flush_errors,
+        )
+        yield GaugeMetricFamily(
+            "tollgate_quota_last_flush_timestamp_seconds",
+            "Unix time of the last successful flush to the quota store.",
+            value=quota.last_flush_at,
+        )

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from time import perf_counter
+from typing import TYPE_CHECKING
 
 from tollgate_gateway import errors
 from tollgate_gateway.asgi import Receive, Scope, Send, send_error
@@ -29,6 +30,9 @@ from tollgate_gateway.routes import build_api
 from tollgate_gateway.settings import Settings
 from tollgate_gateway.stores import open_store
 from tollgate_gateway.upstream import Upstream
+
+if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is on
+    from tollgate_gateway.tracing import Tracing
 
 log = logging.getLogger("tollgate.gateway")
 
@@ -70,6 +74,11 @@ class Gateway:
         self.access_log = AccessLog()
         self.draining = False
         self.started_at = int(time.time())
+        self.tracing: Tracing | None = None
+        if settings.enable_otlp_tracing:
+            from tollgate_gateway.tracing import Tracing
+
+            self.tracing = Tracing(settings.otlp_endpoint)
         self.proxy = Proxy(self)
         self.api = build_api(self)
         # Its collector reads the attributes above when it is registered.
@@ -125,6 +134,8 @@ class Gateway:
                 await self._config_task
         await self.upstream.close()
         await self.quota.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()
         self.access_log.flush()
         log.info("gateway stopped", extra={"event": "shutdown"})
 
@@ -156,5 +167,7 @@ class Gateway:
         if ex.admission is not None:
             self.quota.settle(ex.admission, ex.usage)
         latency = perf_counter() - ex.started
+        if ex.trace is not None:
+            ex.trace.end(ex)
         self.metrics.observe(ex, latency)
         self.access_log.write(ex, latency)

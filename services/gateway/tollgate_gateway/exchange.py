@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from time import perf_counter
+from typing import TYPE_CHECKING
 
 from tollgate_gateway.quota import Admission
 from tollgate_gateway.usage import Usage
+
+if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is on
+    from tollgate_gateway.tracing import RequestTrace
 
 
 @dataclass(slots=True)
@@ -32,6 +36,7 @@ class Exchange:
     usage: Usage | None = None
     # The quota reservation, settled when the request ends.
     admission: Admission | None = None
+    trace: RequestTrace | None = None
     streamed_chunks: int = 0
     response_started: bool = False
     # The last response byte is on its way: a disconnect now is no longer an abandonment.

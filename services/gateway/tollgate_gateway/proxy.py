@@ -100,6 +100,8 @@ class Proxy:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex = Exchange(route=scope["path"], started=perf_counter())
+        if self.gateway.tracing is not None:
+            ex.trace = self.gateway.tracing.begin(ex.route, scope["headers"])
         self.gateway.inflight += 1
         try:
             await self._handle(ex, scope, receive, send)
@@ -171,6 +173,8 @@ class Proxy:
         if refusal is not None:
             raise Reject(errors.INVALID_API_KEY, refusal, reason="auth")
         ex.key_name = key.name
+        if ex.trace is not None:
+            ex.trace.mark("auth")
 
         body = await self._read_body(receive)
         if body is None:
@@ -227,13 +231,14 @@ class Proxy:
             forward["authorization"] = upstream.authorization
         forward["content-type"] = "application/json"
         forward["x-request-id"] = ex.request_id
+        url = upstream.url[ex.route]
+        if ex.trace is not None:
+            ex.trace.start_upstream(str(url), forward)
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, ex, task))
         try:
-            await self._exchange(
-                ex, send, upstream.url[ex.route], body, forward, client_wants_usage
-            )
+            await self._exchange(ex, send, url, body, forward, client_wants_usage)
         except asyncio.CancelledError:
             if not ex.client_gone:
                 raise
@@ -270,6 +275,8 @@ class Proxy:
             gw.breaker.failure()
             raise _upstream_reject(exc) from None
         ex.upstream_seconds = perf_counter() - sent_at
+        if ex.trace is not None:
+            ex.trace.end_upstream(resp.status)
         ex.upstream_status = resp.status
         try:
             if resp.status == 200 and resp.content_type == "text/event-stream":

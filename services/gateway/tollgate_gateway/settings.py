@@ -77,8 +77,9 @@ class Settings(BaseSettings):
     breaker_open_seconds: Seconds = 10.0
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # OpenTelemetry traces over OTLP/HTTP (a collector's base URL, or its /v1/traces URL).
     enable_otlp_tracing: bool = False
-    otlp_endpoint: str | None = None
+    otlp_endpoint: str = "http://localhost:4318"
 
     @field_validator("gateway_api_keys", "gateway_trusted_proxies", mode="before")
     @classmethod

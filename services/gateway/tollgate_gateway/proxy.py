@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
@@ -144,7 +144,7 @@ class Proxy:
         if request_id is not None and _REQUEST_ID.match(request_id):
             ex.request_id = request_id.decode()
         else:
-            ex.request_id = uuid.uuid4().hex
+            ex.request_id = os.urandom(16).hex()  # uuid4().hex's format, a third of its cost
 
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             raise Reject(errors.BODY_TOO_LARGE, self._too_large(), reason="size")

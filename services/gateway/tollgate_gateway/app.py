@@ -2,7 +2,7 @@
 
 The two completion routes go straight to the raw proxy; everything else (health,
 readiness, models, usage, FastAPI's lifespan) goes to FastAPI. `Gateway` also owns the
-shared parts the request path uses: keys, limits, breaker, upstream client, quota ledger.
+shared parts the request path uses: keys, limits, upstream replicas, quota ledger.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 from tollgate_gateway import errors
 from tollgate_gateway.asgi import Receive, Scope, Send, send_error
-from tollgate_gateway.breaker import CircuitBreaker, State
 from tollgate_gateway.config_watch import ConfigWatcher, env_policy
 from tollgate_gateway.errors import GatewayError
 from tollgate_gateway.exchange import Exchange
@@ -29,7 +28,7 @@ from tollgate_gateway.ratelimit import ClientAddress, Gcra
 from tollgate_gateway.routes import build_api
 from tollgate_gateway.settings import Settings
 from tollgate_gateway.stores import open_store
-from tollgate_gateway.upstream import Upstream
+from tollgate_gateway.upstream import UpstreamPool
 
 if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is on
     from tollgate_gateway.tracing import Tracing
@@ -65,10 +64,7 @@ class Gateway:
             settings.quota_flush_interval_seconds,
             settings.quota_fail_closed,
         )
-        self.breaker = CircuitBreaker(
-            settings.breaker_failure_threshold, settings.breaker_open_seconds
-        )
-        self.upstream = Upstream(settings, on_models=self._update_known_models)
+        self.upstreams = UpstreamPool(settings, on_models=self._update_known_models)
         self.inflight = 0
         self._config_task: asyncio.Task[None] | None = None
         self.access_log = AccessLog()
@@ -104,7 +100,7 @@ class Gateway:
 
     def _update_known_models(self) -> None:
         """Models that get their own metrics label: served, listed upstream, or allowed."""
-        known = set(self.upstream.models)
+        known = self.upstreams.models()
         if self.settings.served_model_name:
             known.add(self.settings.served_model_name)
         known.update(self.keys.models())
@@ -113,17 +109,18 @@ class Gateway:
     async def startup(self) -> None:
         await self.quota.store.start()
         await self.quota.start(self.keys.names())
-        await self.upstream.start()
+        await self.upstreams.start()
         self._config_task = asyncio.create_task(self.config.watch(), name="config-watch")
         log.info(
             "gateway started",
             extra={
                 "event": "startup",
-                "upstream": self.upstream.base,
+                "upstreams": [u.name for u in self.upstreams.upstreams],
+                "dns_name": self.settings.vllm_dns_name,
                 "keys": len(self.keys),
                 "config_version": self.config_version,
                 "quota_store": self.settings.database_url.split(":", 1)[0],
-                "upstream_healthy": self.upstream.healthy,
+                "upstreams_available": sum(u.available() for u in self.upstreams.upstreams),
             },
         )
 
@@ -132,7 +129,7 @@ class Gateway:
             self._config_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._config_task
-        await self.upstream.close()
+        await self.upstreams.close()
         await self.quota.close()
         if self.tracing is not None:
             self.tracing.shutdown()
@@ -152,10 +149,7 @@ class Gateway:
         problems = []
         if self.draining:
             problems.append("draining")
-        if not self.upstream.healthy:
-            problems.append("upstream unhealthy")
-        if self.breaker.state is State.OPEN:
-            problems.append("circuit breaker open")
+        problems.extend(self.upstreams.readiness_problems())
         return problems
 
     def start_drain(self) -> None:

@@ -28,7 +28,9 @@ class CircuitBreaker:
         failure_threshold: int,
         open_seconds: float,
         clock: Callable[[], float] = time.monotonic,
+        name: str = "upstream",
     ) -> None:
+        self.name = name
         self.failure_threshold = failure_threshold
         self.open_seconds = open_seconds
         self._clock = clock
@@ -77,10 +79,16 @@ class CircuitBreaker:
 
     def _transition(self, state: State) -> None:
         log.warning(
-            "circuit breaker %s -> %s",
+            "circuit breaker of %s: %s -> %s",
+            self.name,
             self._state.value,
             state.value,
-            extra={"event": "breaker", "from": self._state.value, "to": state.value},
+            extra={
+                "event": "breaker",
+                "upstream": self.name,
+                "from": self._state.value,
+                "to": state.value,
+            },
         )
         pair = (self._state.value, state.value)
         self.transitions[pair] = self.transitions.get(pair, 0) + 1

@@ -12,6 +12,7 @@ from tollgate_gateway.usage import Usage
 
 if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is on
     from tollgate_gateway.tracing import RequestTrace
+    from tollgate_gateway.upstream import Upstream
 
 
 @dataclass(slots=True)
@@ -29,6 +30,9 @@ class Exchange:
     # What went wrong with the upstream (unreachable, timeout, error, ...), if anything.
     upstream_error: str | None = None
     upstream_status: int | None = None
+    # The replica the request went to (the last one, if it was retried).
+    upstream: Upstream | None = None
+    retried: bool = False
     # Time spent waiting on the upstream (headers, and the body of a non-stream answer):
     # the gateway's own overhead is the rest.
     upstream_seconds: float = 0.0

@@ -66,6 +66,8 @@ REJECTION_REASONS = (
     "rate",
     "breaker",
     "quota_store",
+    "unknown_model",
+    "no_upstream",
 )
 
 
@@ -213,28 +215,53 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "tollgate_requests_in_flight", "Requests being proxied now.", value=gw.inflight
         )
-        yield GaugeMetricFamily(
+        upstreams = gw.upstreams.upstreams
+        up = GaugeMetricFamily(
             "tollgate_upstream_up",
-            "1 when the upstream's /health answered 200 at the last poll.",
-            value=1 if gw.upstream.healthy else 0,
+            "1 when the replica's /health answered 200 at the last poll.",
+            labels=["upstream"],
+        )
+        inflight = GaugeMetricFamily(
+            "tollgate_upstream_in_flight", "Requests in flight per replica.", labels=["upstream"]
+        )
+        sent = CounterMetricFamily(
+            "tollgate_upstream_requests",
+            "Requests sent to each replica (retries included).",
+            labels=["upstream"],
         )
         state = GaugeMetricFamily(
             "tollgate_circuit_breaker_state",
-            "The circuit breaker's state: 1 for the current one.",
-            labels=["state"],
+            "Each replica's circuit breaker state: 1 for the current one.",
+            labels=["upstream", "state"],
         )
-        current = gw.breaker.state.value
-        for name in ("closed", "open", "half_open"):
-            state.add_metric([name], 1 if name == current else 0)
-        yield state
         transitions = CounterMetricFamily(
             "tollgate_circuit_breaker_transitions",
-            "Circuit breaker state changes.",
-            labels=["from_state", "to_state"],
+            "Circuit breaker state changes, per replica.",
+            labels=["upstream", "from_state", "to_state"],
         )
-        for (old, new), count in gw.breaker.transitions.items():
-            transitions.add_metric([old, new], count)
-        yield transitions
+        for u in upstreams:
+            up.add_metric([u.name], 1 if u.healthy else 0)
+            inflight.add_metric([u.name], u.inflight)
+            sent.add_metric([u.name], u.requests)
+            current = u.breaker.state.value
+            for name in ("closed", "open", "half_open"):
+                state.add_metric([u.name, name], 1 if name == current else 0)
+            for (old, new), count in u.breaker.transitions.items():
+                transitions.add_metric([u.name, old, new], count)
+        yield from (up, inflight, sent, state, transitions)
+        yield CounterMetricFamily(
+            "tollgate_upstream_retries",
+            "Requests sent again to another replica after failing before any response byte.",
+            value=gw.upstreams.retries,
+        )
+        dns = CounterMetricFamily(
+            "tollgate_upstream_dns_refreshes",
+            "Lookups of VLLM_DNS_NAME, by result.",
+            labels=["result"],
+        )
+        for result, count in gw.upstreams.dns_refreshes.items():
+            dns.add_metric([result], count)
+        yield dns
         yield GaugeMetricFamily(
             "tollgate_draining", "1 after SIGTERM, while draining.", value=int(gw.draining)
         )

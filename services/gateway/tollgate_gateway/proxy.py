@@ -8,9 +8,11 @@ endpoints). Read `_handle` top to bottom: it is the gateway's whole job.
 2. the key (401), the body as JSON (400), the key's model list (403)
 3. the key's quota and limits (429), reserving the tokens the request may use
 4. `stream_options.include_usage` turned on for streams, so usage can be counted
-5. circuit breaker (503 while open, without touching the upstream)
+5. a replica serving the model, healthy, its circuit breaker not open (else 404 for a
+   model nobody serves, 503 without touching any upstream)
 6. upstream call: the body as bytes, the client's headers less hop-by-hop ones, the
-   client's key replaced by `VLLM_API_KEY`
+   client's key replaced by `VLLM_API_KEY`; retried once on another replica if it failed
+   before any response byte
 7. response: JSON whole, or SSE chunk by chunk as it arrives
 8. usage settled and one log line, always, also when the client leaves or the stream breaks
 """
@@ -34,6 +36,7 @@ from tollgate_gateway.errors import ErrorKind
 from tollgate_gateway.exchange import Exchange
 from tollgate_gateway.quota import Refusal
 from tollgate_gateway.sse import StreamTap
+from tollgate_gateway.upstream import Upstream, UpstreamPool
 from tollgate_gateway.usage import Usage, estimate_prompt_tokens, usage_from_body
 
 if TYPE_CHECKING:
@@ -67,6 +70,8 @@ _NOT_FORWARDED = frozenset(
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 _STREAM_USAGE = b',"stream_options":{"include_usage":true}}'
 _UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
+# Failures where the replica cannot have started on the request: safe to send elsewhere.
+_RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError)
 
 
 class Reject(Exception):
@@ -97,6 +102,8 @@ class Proxy:
         self.gateway = gateway
         self.max_body = gateway.settings.gateway_max_body_bytes
         self.default_reserve = gateway.settings.quota_default_reserve_tokens
+        self.affinity_mode = gateway.settings.gateway_session_affinity
+        self.affinity_header = gateway.settings.gateway_session_header.lower()
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         ex = Exchange(route=scope["path"], started=perf_counter())
@@ -216,34 +223,29 @@ class Proxy:
                     data["stream_options"] = {**(options or {}), "include_usage": True}
                     body = json.dumps(data, ensure_ascii=False).encode()
 
-        # 5. Circuit breaker.
-        if not gw.breaker.allow():
-            raise Reject(
-                errors.UNAVAILABLE,
-                "The upstream is failing; the gateway's circuit breaker is open.",
-                gw.breaker.retry_after(),
-                reason="breaker",
-            )
+        # 5. A replica serving the model, skipping unhealthy and open-breaker ones.
+        pool = gw.upstreams
+        affinity = self._affinity(forward, key.name)
+        upstream = pool.pick(ex.model, affinity)
+        if upstream is None:
+            raise _no_upstream(pool, ex.model)
 
         # 6. Upstream call, cancelled when the client disconnects.
-        upstream = gw.upstream
-        if upstream.authorization:
-            forward["authorization"] = upstream.authorization
+        if pool.authorization:
+            forward["authorization"] = pool.authorization
         forward["content-type"] = "application/json"
         forward["x-request-id"] = ex.request_id
-        url = upstream.url[ex.route]
-        if ex.trace is not None:
-            ex.trace.start_upstream(str(url), forward)
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, ex, task))
         try:
-            await self._exchange(ex, send, url, body, forward, client_wants_usage)
+            await self._exchange(ex, send, upstream, body, forward, client_wants_usage, affinity)
         except asyncio.CancelledError:
             if not ex.client_gone:
                 raise
             task.uncancel()
-            gw.breaker.release()
+            if ex.upstream is not None:
+                ex.upstream.breaker.release()
         finally:
             watcher.cancel()
         if ex.usage is None and ex.streamed_chunks:
@@ -255,54 +257,97 @@ class Proxy:
                 exact=False,
             )
 
+    def _affinity(self, forward: dict[str, str], key_name: str) -> str | None:
+        mode = self.affinity_mode
+        if mode == "off":
+            return None
+        return key_name if mode == "key" else forward.get(self.affinity_header)
+
     async def _exchange(
         self,
         ex: Exchange,
         send: Send,
-        url: Any,
+        upstream: Upstream,
         body: bytes,
         headers: dict[str, str],
         client_wants_usage: bool,
+        affinity: str | None,
     ) -> None:
-        gw = self.gateway
-        upstream = gw.upstream
-        assert upstream.session is not None
-        timeout = upstream.timeout_stream if ex.stream else upstream.timeout_full
-        sent_at = perf_counter()
-        try:
-            resp = await upstream.session.post(url, data=body, headers=headers, timeout=timeout)
-        except _UPSTREAM_ERRORS as exc:
-            gw.breaker.failure()
-            raise _upstream_reject(exc) from None
-        ex.upstream_seconds = perf_counter() - sent_at
-        if ex.trace is not None:
-            ex.trace.end_upstream(resp.status)
-        ex.upstream_status = resp.status
-        try:
-            if resp.status == 200 and resp.content_type == "text/event-stream":
-                await self._stream(ex, send, resp, client_wants_usage)
-            else:
-                await self._whole(ex, send, resp)
-        finally:
-            resp.release() if ex.completed else resp.close()
+        """One attempt, or two: a request that failed before any response byte (connection
+        refused or dropped before an answer, or a 502/503 from a failing or draining
+        replica) is sent once more, to another replica. A timeout is not retried (the
+        replica may be generating), nor is anything after the response started."""
+        pool = self.gateway.upstreams
+        assert pool.session is not None
+        timeout = pool.timeout_stream if ex.stream else pool.timeout_full
+        attempt: Upstream | None = upstream
+        while attempt is not None:
+            current, attempt = attempt, None
+            ex.upstream = current
+            url = current.url[ex.route]
+            if ex.trace is not None:
+                ex.trace.start_upstream(str(url), headers)
+            current.inflight += 1
+            current.requests += 1
+            try:
+                sent_at = perf_counter()
+                try:
+                    resp = await pool.session.post(url, data=body, headers=headers, timeout=timeout)
+                except _UPSTREAM_ERRORS as exc:
+                    ex.upstream_seconds += perf_counter() - sent_at
+                    current.breaker.failure()
+                    if isinstance(exc, _RETRYABLE):
+                        attempt = self._retry(ex, current, affinity)
+                    if attempt is None:
+                        raise _upstream_reject(exc) from None
+                    continue
+                ex.upstream_seconds += perf_counter() - sent_at
+                if ex.trace is not None:
+                    ex.trace.end_upstream(resp.status)
+                ex.upstream_status = resp.status
+                if resp.status in (502, 503):
+                    attempt = self._retry(ex, current, affinity)
+                    if attempt is not None:
+                        current.breaker.failure()
+                        resp.close()
+                        continue
+                try:
+                    if resp.status == 200 and resp.content_type == "text/event-stream":
+                        await self._stream(ex, send, resp, client_wants_usage)
+                    else:
+                        await self._whole(ex, send, resp)
+                finally:
+                    resp.release() if ex.completed else resp.close()
+            finally:
+                current.inflight -= 1
+
+    def _retry(self, ex: Exchange, failed: Upstream, affinity: str | None) -> Upstream | None:
+        if ex.retried:
+            return None
+        other = self.gateway.upstreams.pick(ex.model, affinity, exclude=failed)
+        if other is not None:
+            ex.retried = True
+            self.gateway.upstreams.retries += 1
+        return other
 
     async def _whole(self, ex: Exchange, send: Send, resp: aiohttp.ClientResponse) -> None:
         """7. A JSON answer: read it all, count its usage, pass it on."""
-        gw = self.gateway
+        assert ex.upstream is not None
+        breaker = ex.upstream.breaker
         started = perf_counter()
         try:
             payload = await resp.read()
         except _UPSTREAM_ERRORS as exc:
-            gw.breaker.failure()
+            breaker.failure()
             raise _upstream_reject(exc) from None
         ex.upstream_seconds += perf_counter() - started
         ex.completed = True
         status = resp.status
         if status >= 500:
-            gw.breaker.failure()
+            breaker.failure()
             ex.upstream_error = "status_5xx"
         else:
-            gw.breaker.success()
+            breaker.success()
         if status == 200:
             ex.usage = usage_from_body(payload)
         elif status in (401, 403):
@@ -330,7 +375,8 @@ class Proxy:
         self, ex: Exchange, send: Send, resp: aiohttp.ClientResponse, client_wants_usage: bool
     ) -> None:
         """7. SSE: each read from the upstream goes to the client before the next read."""
-        gw = self.gateway
+        assert ex.upstream is not None
+        breaker = ex.upstream.breaker
         ex.status = 200
         ex.response_started = True
         await send(
@@ -364,13 +410,13 @@ class Proxy:
             ex.usage = tap.usage
         tail = tap.flush()
         if broken is not None:
-            gw.breaker.failure()
+            breaker.failure()
             ex.error = errors.UPSTREAM_STREAM_BROKEN.code
             ex.upstream_error = "stream_broken"
             message = f"The upstream stream broke: {_describe(broken)}"
             tail += b"data: " + errors.error_body(errors.UPSTREAM_STREAM_BROKEN, message) + b"\n\n"
         else:
-            gw.breaker.success()
+            breaker.success()
             ex.completed = True
         ex.responded = True
         await send({"type": "http.response.body", "body": tail, "more_body": False})
@@ -425,6 +471,28 @@ async def _watch_disconnect(receive: Receive, ex: Exchange, task: asyncio.Task[A
                 ex.client_gone = True
                 task.cancel()
             return
+
+
+def _no_upstream(pool: UpstreamPool, model: str | None) -> Reject:
+    if not pool.knows_model(model):
+        return Reject(
+            errors.MODEL_NOT_FOUND,
+            f"The model `{model}` does not exist.",
+            reason="unknown_model",
+        )
+    if any(u.healthy and u.serves(model) for u in pool.upstreams):
+        return Reject(
+            errors.UNAVAILABLE,
+            "The upstream is failing; the gateway's circuit breaker is open.",
+            pool.retry_after(),
+            reason="breaker",
+        )
+    return Reject(
+        errors.NO_UPSTREAM,
+        "No healthy upstream serves this model right now.",
+        1,
+        reason="no_upstream",
+    )
 
 
 def _upstream_reject(exc: BaseException) -> Reject:

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
-import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -89,28 +88,15 @@ def build_api(gateway: Gateway) -> FastAPI:
     async def models(request: Request) -> Response:
         gateway.authenticate(request.headers.get("authorization"))
         served = gateway.settings.served_model_name
-        if served:
-            card = {
-                "id": served,
-                "object": "model",
-                "created": gateway.started_at,
-                "owned_by": "tollgate",
-            }
-            return JSONResponse({"object": "list", "data": [card]})
-        upstream = gateway.upstream
-        assert upstream.session is not None
-        headers = {"authorization": upstream.authorization} if upstream.authorization else {}
-        try:
-            async with upstream.session.get(
-                upstream.url["/v1/models"], headers=headers, timeout=upstream.timeout_full
-            ) as resp:
-                body = await resp.read()
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise GatewayError(errors.UPSTREAM_UNREACHABLE, f"The upstream failed: {exc}") from None
-        if status != 200:
-            raise GatewayError(errors.UPSTREAM_ERROR, f"The upstream answered {status}.")
-        return Response(body, media_type="application/json")
+        # SERVED_MODEL_NAME, else the union of what the replicas list (read at health checks).
+        names = [served] if served else sorted(gateway.upstreams.models())
+        if not names:
+            raise GatewayError(errors.UPSTREAM_ERROR, "No upstream has listed its models yet.")
+        cards = [
+            {"id": name, "object": "model", "created": gateway.started_at, "owned_by": "tollgate"}
+            for name in names
+        ]
+        return JSONResponse({"object": "list", "data": cards})
 
     @api.get("/v1/usage")
     async def usage(request: Request) -> dict[str, object]:

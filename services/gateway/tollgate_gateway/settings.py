@@ -23,6 +23,17 @@ class Settings(BaseSettings):
     # Where vLLM (or any OpenAI-compatible server) listens, and the key it expects.
     vllm_url: AnyHttpUrl = AnyHttpUrl("http://127.0.0.1:8000")
     vllm_api_key: str | None = None
+    # Several replicas: a comma-separated list of URLs (instead of VLLM_URL), or a DNS
+    # name (a headless Service) and port, `vllm.ns.svc.cluster.local:8000`, re-resolved.
+    vllm_urls: Annotated[list[AnyHttpUrl], NoDecode] = []
+    vllm_dns_name: str | None = Field(None, pattern=r"^[A-Za-z0-9.-]+:[0-9]{1,5}$")
+    vllm_dns_refresh_seconds: Seconds = 5.0
+    # The models each replica serves, as JSON {"http://host:port": ["model", ...]};
+    # replicas not listed report theirs at /v1/models.
+    vllm_upstream_models: dict[str, list[str]] = {}
+    # Session affinity: off, `header` (GATEWAY_SESSION_HEADER) or `key` (the key's name).
+    gateway_session_affinity: Literal["off", "header", "key"] = "off"
+    gateway_session_header: str = "x-session-id"
     # When set, /v1/models answers with this one model instead of asking the upstream.
     served_model_name: str | None = None
 
@@ -81,7 +92,7 @@ class Settings(BaseSettings):
     enable_otlp_tracing: bool = False
     otlp_endpoint: str = "http://localhost:4318"
 
-    @field_validator("gateway_api_keys", "gateway_trusted_proxies", mode="before")
+    @field_validator("gateway_api_keys", "gateway_trusted_proxies", "vllm_urls", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -108,8 +119,12 @@ class Settings(BaseSettings):
         return value
 
     @property
-    def upstream_base(self) -> str:
-        return str(self.vllm_url).rstrip("/")
+    def upstream_bases(self) -> list[str]:
+        """The configured replicas' base URLs (none when they come from DNS)."""
+        if self.vllm_dns_name:
+            return []
+        urls = self.vllm_urls or [self.vllm_url]
+        return [str(url).rstrip("/") for url in urls]
 
 
 # Values never echoed in an error message: they are secrets.

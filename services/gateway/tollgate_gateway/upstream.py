@@ -1,41 +1,88 @@
-"""The one pooled HTTP client to the upstream, and its health.
+"""The upstream replicas: one shared HTTP client, each replica's health and breaker, and
+the choice of a replica for each request.
 
-aiohttp's client, not httpx: measured on this machine inside a bare proxy, aiohttp spends
-about a tenth of the CPU of httpx's default transport per request (see
-docs/performance.md); the upstream client is most of a Python proxy's cost. One session
-with keep-alive connections is created at start-up and shared by every request.
+aiohttp's client, not httpx: measured on this machine inside the real gateway, aiohttp
+spends about an eighth of the CPU of httpx's default transport per request (see
+docs/performance.md); the upstream client is most of a Python proxy's cost. One session is
+created at start-up and shared by every request; it keeps a keep-alive pool per replica
+(aiohttp pools by host and port). Idle connections are dropped after `KEEPALIVE_SECONDS`,
+less than uvicorn's (and so vLLM's) 5 s keep-alive timeout, so the gateway never sends a
+request on a connection the upstream is closing at the same moment.
 
-Idle connections are dropped after `KEEPALIVE_SECONDS`, less than uvicorn's (and so
-vLLM's) 5 s keep-alive timeout, so the gateway never sends a request on a connection the
-upstream is closing at the same moment.
+Replicas come from `VLLM_URL` (one), `VLLM_URLS` (a list), or `VLLM_DNS_NAME` (a headless
+Service's name, re-resolved every `VLLM_DNS_REFRESH_SECONDS`: replicas join and leave
+without a restart). Each has its own `/health` poll and circuit breaker, and serves the
+models it lists at `/v1/models` (or those configured for it).
+
+Choosing a replica: least outstanding requests by "power of two choices" — two random
+candidates among the healthy, closed-breaker replicas serving the request's model, the one
+with fewer requests in flight wins — so a replica stuck on long generations gets fewer new
+requests, at O(1) per request. With session affinity, a rendezvous hash of the session (a
+header or the key's name) picks the same replica while it is available.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import ipaddress
 import json
 import logging
-from collections.abc import Callable
+import random
+import socket
+from collections.abc import Awaitable, Callable, Iterable
 
 import aiohttp
 from yarl import URL
 
+from tollgate_gateway.breaker import CircuitBreaker, State
 from tollgate_gateway.settings import Settings
 
 log = logging.getLogger("tollgate.upstream")
 
 KEEPALIVE_SECONDS = 4.0
+PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health")
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def resolve(host: str, port: int) -> list[str]:
+    """The A and AAAA records of `host`, through the system resolver."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
 
 
 class Upstream:
-    def __init__(self, settings: Settings, on_models: Callable[[], None] = lambda: None) -> None:
-        base = settings.upstream_base
+    """One replica."""
+
+    def __init__(self, base: str, breaker: CircuitBreaker, models: Iterable[str] | None) -> None:
         self.base = base
-        self.url = {
-            path: URL(base + path, encoded=True)
-            for path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health")
-        }
+        self.name = base.split("://", 1)[-1]  # host:port, the metrics label
+        self.url = {path: URL(base + path, encoded=True) for path in PATHS}
+        self.breaker = breaker
+        self.healthy = False
+        self.inflight = 0
+        self.requests = 0
+        # None: not known yet (the replica is tried for any model).
+        self.models: frozenset[str] | None = frozenset(models) if models is not None else None
+        self.configured_models = models is not None
+
+    def available(self) -> bool:
+        return self.healthy and self.breaker.state is not State.OPEN
+
+    def serves(self, model: str | None) -> bool:
+        return model is None or self.models is None or model in self.models
+
+
+class UpstreamPool:
+    def __init__(
+        self,
+        settings: Settings,
+        on_models: Callable[[], None] = lambda: None,
+        resolver: Resolver = resolve,
+    ) -> None:
+        self.settings = settings
         self.authorization = f"Bearer {settings.vllm_api_key}" if settings.vllm_api_key else None
         connect = settings.upstream_connect_timeout_seconds
         self.timeout_full = aiohttp.ClientTimeout(
@@ -50,19 +97,32 @@ class Upstream:
             sock_connect=connect,
             sock_read=settings.upstream_stream_idle_timeout_seconds,
         )
-        self._max_connections = settings.upstream_max_connections
         self._health_interval = settings.upstream_health_interval_seconds
         self._health_timeout = aiohttp.ClientTimeout(total=min(2.0, self._health_interval))
-        self.session: aiohttp.ClientSession | None = None
-        self.healthy = False
-        # The model ids the upstream lists (/v1/models), read when it becomes healthy.
-        self.models: frozenset[str] = frozenset()
         self._on_models = on_models
-        self._health_task: asyncio.Task[None] | None = None
+        self._resolver = resolver
+        self.session: aiohttp.ClientSession | None = None
+        self.upstreams: list[Upstream] = []
+        self.dns_refreshes = {"ok": 0, "failed": 0}
+        self.retries = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        configured = settings.vllm_upstream_models
+        for base in settings.upstream_bases:
+            self.upstreams.append(self._new(base, configured.get(base)))
+
+    def _new(self, base: str, models: Iterable[str] | None) -> Upstream:
+        breaker = CircuitBreaker(
+            self.settings.breaker_failure_threshold,
+            self.settings.breaker_open_seconds,
+            name=base.split("://", 1)[-1],
+        )
+        return Upstream(base, breaker, models)
+
+    # Lifecycle
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(
-            limit=self._max_connections,
+            limit=self.settings.upstream_max_connections,
             keepalive_timeout=KEEPALIVE_SECONDS,
             ttl_dns_cache=10,
         )
@@ -73,52 +133,180 @@ class Upstream:
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
             auto_decompress=False,
         )
+        if self.settings.vllm_dns_name:
+            await self.refresh_dns()
+            self._tasks.append(asyncio.create_task(self._refresh_dns_forever(), name="dns"))
         await self.check_health()
-        self._health_task = asyncio.create_task(self._poll_health(), name="upstream-health")
+        self._tasks.append(asyncio.create_task(self._poll_health(), name="upstream-health"))
 
     async def close(self) -> None:
-        if self._health_task is not None:
-            self._health_task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._health_task
+                await task
         if self.session is not None:
             await self.session.close()
 
-    async def check_health(self) -> bool:
+    # Choosing a replica
+
+    def pick(
+        self, model: str | None, affinity: str | None = None, exclude: Upstream | None = None
+    ) -> Upstream | None:
+        """A replica for a request, or None if no available replica serves `model`."""
+        upstreams = self.upstreams
+        if len(upstreams) == 1:  # the common single-URL case: no sampling
+            only = upstreams[0]
+            if only is not exclude and only.available() and only.serves(model):
+                return only if only.breaker.allow() else None
+            return None
+        if affinity is not None:
+            return self._pick_affine(model, affinity, exclude)
+        # Two random choices first (O(1)); a full scan only if they were not usable.
+        a, b = random.sample(upstreams, 2)
+        usable_a = a is not exclude and a.available() and a.serves(model)
+        usable_b = b is not exclude and b.available() and b.serves(model)
+        if usable_a and usable_b:
+            first, second = (a, b) if a.inflight <= b.inflight else (b, a)
+            if first.breaker.allow():
+                return first
+            if second.breaker.allow():
+                return second
+        candidates = [
+            u for u in upstreams if u is not exclude and u.available() and u.serves(model)
+        ]
+        candidates.sort(key=lambda u: (u.inflight, random.random()))
+        for upstream in candidates:
+            if upstream.breaker.allow():
+                return upstream
+        return None
+
+    def _pick_affine(
+        self, model: str | None, affinity: str, exclude: Upstream | None
+    ) -> Upstream | None:
+        """Rendezvous hashing: the same session lands on the same replica while it is
+        available; when it is not, only its sessions move."""
+        ranked = sorted(
+            (u for u in self.upstreams if u is not exclude and u.available() and u.serves(model)),
+            key=lambda u: hashlib.blake2b(f"{affinity}|{u.base}".encode(), digest_size=8).digest(),
+            reverse=True,
+        )
+        for upstream in ranked:
+            if upstream.breaker.allow():
+                return upstream
+        return None
+
+    def knows_model(self, model: str | None) -> bool:
+        """False only when every replica's model list is known and none has `model`."""
+        return any(u.serves(model) for u in self.upstreams)
+
+    def retry_after(self) -> float:
+        open_ones = [u.breaker.retry_after() for u in self.upstreams if not u.available()]
+        return min(open_ones, default=1.0)
+
+    def models(self) -> set[str]:
+        return {m for u in self.upstreams if u.models for m in u.models}
+
+    def readiness_problems(self) -> list[str]:
+        """Ready while every served model (and at least one replica) is available."""
+        available = [u for u in self.upstreams if u.available()]
+        if not available:
+            if not self.upstreams:
+                return ["no upstream replicas known"]
+            return [
+                f"upstream {u.name}: " + ("circuit breaker open" if u.healthy else "unhealthy")
+                for u in self.upstreams
+            ]
+        missing = [m for m in sorted(self.models()) if not any(u.serves(m) for u in available)]
+        return [f"no available upstream serves {m}" for m in missing]
+
+    # Health
+
+    async def check_health(self) -> None:
+        await asyncio.gather(*(self._check(u) for u in list(self.upstreams)))
+
+    async def _check(self, upstream: Upstream) -> None:
         assert self.session is not None
         try:
-            async with self.session.get(self.url["/health"], timeout=self._health_timeout) as r:
+            async with self.session.get(upstream.url["/health"], timeout=self._health_timeout) as r:
                 healthy = r.status == 200
         except (aiohttp.ClientError, TimeoutError):
             healthy = False
-        if healthy and not self.healthy:
-            await self._read_models()
-        if healthy != self.healthy:
+        if healthy and (not upstream.healthy or upstream.models is None):
+            await self._read_models(upstream)
+        if healthy != upstream.healthy:
             log.log(
                 logging.INFO if healthy else logging.WARNING,
-                "upstream %s",
+                "upstream %s %s",
+                upstream.name,
                 "healthy" if healthy else "unhealthy",
-                extra={"event": "upstream_health", "healthy": healthy, "upstream": self.base},
+                extra={"event": "upstream_health", "healthy": healthy, "upstream": upstream.name},
             )
-        self.healthy = healthy
-        return healthy
+        upstream.healthy = healthy
 
-    async def _read_models(self) -> None:
+    async def _read_models(self, upstream: Upstream) -> None:
+        if upstream.configured_models:
+            return
         assert self.session is not None
         headers = {"authorization": self.authorization} if self.authorization else {}
         try:
             async with self.session.get(
-                self.url["/v1/models"], headers=headers, timeout=self._health_timeout
+                upstream.url["/v1/models"], headers=headers, timeout=self._health_timeout
             ) as r:
-                listed = json.loads(await r.read())["data"] if r.status == 200 else []
+                listed = json.loads(await r.read())["data"] if r.status == 200 else None
+            if listed is None:
+                return
             models = frozenset(m["id"] for m in listed if isinstance(m.get("id"), str))
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
             return
-        if models != self.models:
-            self.models = models
+        if models != upstream.models:
+            upstream.models = models
             self._on_models()
 
     async def _poll_health(self) -> None:
         while True:
             await asyncio.sleep(self._health_interval)
             await self.check_health()
+
+    # DNS discovery
+
+    async def refresh_dns(self) -> None:
+        name = self.settings.vllm_dns_name
+        assert name is not None
+        host, _, port_text = name.rpartition(":")
+        port = int(port_text)
+        try:
+            addresses = await self._resolver(host, port)
+        except OSError as exc:
+            self.dns_refreshes["failed"] += 1
+            log.warning(
+                "upstream DNS lookup failed; keeping the known replicas",
+                extra={"event": "upstream_dns", "name": name, "error": repr(exc)},
+            )
+            return
+        self.dns_refreshes["ok"] += 1
+        if not addresses:
+            return  # an empty answer is more likely a glitch than a scale-to-zero
+        bases = [_base(address, port) for address in addresses]
+        current = {u.base: u for u in self.upstreams}
+        if set(bases) == set(current):
+            return
+        joined = [b for b in bases if b not in current]
+        left = [b for b in current if b not in bases]
+        # In-flight requests keep their Upstream object; new requests see the new list.
+        self.upstreams = [current.get(b) or self._new(b, None) for b in bases]
+        log.info(
+            "upstream replicas changed",
+            extra={"event": "upstream_dns", "name": name, "joined": joined, "left": left},
+        )
+        await asyncio.gather(*(self._check(u) for u in self.upstreams if u.base in joined))
+        self._on_models()
+
+    async def _refresh_dns_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.vllm_dns_refresh_seconds)
+            await self.refresh_dns()
+
+
+def _base(address: str, port: int) -> str:
+    host = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
+    return f"http://{host}:{port}"

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from tollgate_gateway import errors
 from tollgate_gateway.asgi import Receive, Scope, Send, send_error
+from tollgate_gateway.config_secret import SecretWatcher
 from tollgate_gateway.config_watch import ConfigWatcher, env_policy
 from tollgate_gateway.errors import GatewayError
 from tollgate_gateway.exchange import Exchange
@@ -53,6 +54,17 @@ class Gateway:
             self._use_keys,
             settings.gateway_config_poll_seconds,
         )
+        self.config_secret = (
+            SecretWatcher(
+                settings.gateway_config_secret,
+                self.config,
+                settings.gateway_kube_api_url,
+                settings.gateway_kube_token_file,
+                settings.gateway_kube_ca_file,
+            )
+            if settings.gateway_config_secret
+            else None
+        )
         self.ip_limit = (
             Gcra(settings.gateway_ip_rate_per_second, settings.gateway_ip_burst)
             if settings.gateway_ip_rate_per_second > 0
@@ -66,7 +78,7 @@ class Gateway:
         )
         self.upstreams = UpstreamPool(settings, on_models=self._update_known_models)
         self.inflight = 0
-        self._config_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.access_log = AccessLog()
         self.draining = False
         self.started_at = int(time.time())
@@ -110,7 +122,12 @@ class Gateway:
         await self.quota.store.start()
         await self.quota.start(self.keys.names())
         await self.upstreams.start()
-        self._config_task = asyncio.create_task(self.config.watch(), name="config-watch")
+        self._tasks.append(asyncio.create_task(self.config.watch(), name="config-watch"))
+        if self.config_secret is not None:
+            await self.config_secret.start()
+            self._tasks.append(
+                asyncio.create_task(self.config_secret.watch(), name="config-secret-watch")
+            )
         log.info(
             "gateway started",
             extra={
@@ -125,10 +142,12 @@ class Gateway:
         )
 
     async def shutdown(self) -> None:
-        if self._config_task is not None:
-            self._config_task.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._config_task
+                await task
+        if self.config_secret is not None:
+            await self.config_secret.close()
         await self.upstreams.close()
         await self.quota.close()
         if self.tracing is not None:

@@ -53,7 +53,7 @@ class ConfigWatcher:
             config = parse(self.path.read_bytes())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"GATEWAY_CONFIG_FILE {self.path}: {exc}") from None
-        self._apply(config)
+        self._apply(config, "file")
 
     async def watch(self) -> None:
         if self.path is None:
@@ -72,23 +72,38 @@ class ConfigWatcher:
             return
         self._signature = signature
         try:
-            config = parse(self.path.read_bytes())
-        except (OSError, ValueError) as exc:
-            self.reloads_failed += 1
-            log.error(
-                "configuration rejected; keeping the last good one",
-                extra={
-                    "event": "config_reload",
-                    "ok": False,
-                    "error": _first_line(exc),
-                    "version": self.version,
-                },
-            )
+            raw = self.path.read_bytes()
+        except OSError as exc:
+            self._rejected(exc, "file")
             return
-        self._apply(config)
+        self.apply_bytes(raw, source="file")
+
+    def apply_bytes(self, raw: bytes, source: str) -> None:
+        """A new document from the file or the API: applied if valid and different."""
+        try:
+            config = parse(raw)
+        except ValueError as exc:
+            self._rejected(exc, source)
+            return
+        if config.version() == self.version:
+            return  # the other source already brought this one
+        self._apply(config, source)
         self.reloads_ok += 1
 
-    def _apply(self, config: GatewayConfig) -> None:
+    def _rejected(self, exc: Exception, source: str) -> None:
+        self.reloads_failed += 1
+        log.error(
+            "configuration rejected; keeping the last good one",
+            extra={
+                "event": "config_reload",
+                "ok": False,
+                "source": source,
+                "error": _first_line(exc),
+                "version": self.version,
+            },
+        )
+
+    def _apply(self, config: GatewayConfig, source: str) -> None:
         keys = KeyRing([*self.env_keys, *config_keys(config)])
         self.version = config.version()
         self.on_change(keys, self.version)
@@ -97,6 +112,7 @@ class ConfigWatcher:
             extra={
                 "event": "config_reload",
                 "ok": True,
+                "source": source,
                 "version": self.version,
                 "keys": len(config.keys),
                 "policies": len(config.policies),

@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     # The configuration document (keys by hash, policies), reloaded when it changes.
     gateway_config_file: str | None = None
     gateway_config_poll_seconds: Seconds = 0.25
+    # In Kubernetes: also watch the config Secret (`namespace/name`) through the API, for
+    # revocations within seconds; the mounted file stays the fallback.
+    gateway_config_secret: str | None = Field(None, pattern=r"^[a-z0-9.-]+/[a-z0-9.-]+$")
+    # The API server (default: the in-cluster address) and the service account's files.
+    gateway_kube_api_url: str | None = None
+    gateway_kube_token_file: str | None = None
+    gateway_kube_ca_file: str | None = None
     # The policy of GATEWAY_API_KEYS keys; unset limits are unlimited.
     gateway_default_requests_per_minute: int | None = Field(None, ge=1)
     gateway_default_tokens_per_minute: int | None = Field(None, ge=1)

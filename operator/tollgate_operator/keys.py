@@ -1,0 +1,71 @@
+"""Key material: generate it, read it from Secrets, and reduce it to hashes.
+
+Plain keys live only in Secrets; this module is the one place the operator holds them, and
+only long enough to hash them. The gateway config gets the SHA-256, status gets a 12-digit
+prefix of it (a fingerprint that identifies a key without revealing anything usable).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+KEY_PREFIX = "sk-tg-"
+CURRENT = "key"
+PREVIOUS = "previous"
+MIN_KEY_LENGTH = 16
+
+
+def generate() -> str:
+    """256 random bits, URL-safe, with a recognisable prefix (secret scanners can match)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def sha256(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def fingerprint(digest: str) -> str:
+    return digest[:12]
+
+
+@dataclass(frozen=True)
+class Material:
+    """What the config needs from a key Secret: hashes only."""
+
+    hash: str
+    previous_hash: str | None
+    secret_name: str
+
+
+class MaterialError(Exception):
+    """The Secret cannot give a usable key; `reason` becomes the condition reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def decode(secret: dict[str, Any], field: str) -> str | None:
+    raw = (secret.get("data") or {}).get(field)
+    if raw is None:
+        plain = (secret.get("stringData") or {}).get(field)
+        return plain.strip() if plain else None
+    try:
+        return base64.b64decode(raw).decode().strip() or None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def material_from_secret(secret: dict[str, Any], key_field: str, previous_field: str) -> Material:
+    name = secret["metadata"]["name"]
+    key = decode(secret, key_field)
+    if key is None:
+        raise MaterialError("SecretKeyMissing", f"Secret {name} has no data key {key_field!r}")
+    if len(key) < MIN_KEY_LENGTH:
+        raise MaterialError("WeakKey", f"the key in Secret {name} is under {MIN_KEY_LENGTH} chars")
+    previous = decode(secret, previous_field)
+    return Material(sha256(key), sha256(previous) if previous else None, name)

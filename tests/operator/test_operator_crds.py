@@ -1,0 +1,211 @@
+"""The CRDs as they ship (charts/tollgate/crds): structure, and what they accept and reject.
+
+No API server validates here, so the openAPIV3Schema is checked with jsonschema, and the
+CEL rules through a table of Python equivalents (a new rule without an equivalent fails
+the test, so none is forgotten).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from k8s_emulator import CRD_DIR
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+CRDS = {
+    doc["spec"]["names"]["kind"]: doc
+    for doc in (yaml.safe_load(p.read_text()) for p in sorted(CRD_DIR.glob("*.yaml")))
+}
+
+# CEL rule -> the same check in Python (self is the object at the rule's level).
+CEL: dict[str, Any] = {
+    "size(self.metadata.name) <= 63": lambda s: len(s["metadata"]["name"]) <= 63,
+    "size(self.metadata.name) <= 40": lambda s: len(s["metadata"]["name"]) <= 40,
+    "size(self.metadata.name) <= 50": lambda s: len(s["metadata"]["name"]) <= 50,
+    "has(self.requestsPerMinute) || has(self.tokensPerMinute) || has(self.tokensPerDay) || "
+    "has(self.maxConcurrentRequests)": lambda s: any(
+        k in s
+        for k in ("requestsPerMinute", "tokensPerMinute", "tokensPerDay", "maxConcurrentRequests")
+    ),
+    "type(self) == int ? self >= 0 : self.matches('^[0-9]+%$')": lambda s: (
+        s >= 0 if isinstance(s, int) else re.match(r"^[0-9]+%$", s) is not None
+    ),
+}
+
+
+def _schema(kind: str) -> dict[str, Any]:
+    return CRDS[kind]["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def _date_time(value: object) -> bool:
+    if not isinstance(value, str):
+        return True
+    try:
+        datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return "T" in value
+
+
+FORMATS = jsonschema.FormatChecker(formats=())
+FORMATS.checks("date-time")(_date_time)
+
+
+def _cel_errors(schema: dict[str, Any], value: Any, where: str = "") -> list[str]:
+    errors = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        text = " ".join(rule["rule"].split())
+        assert text in CEL, f"CEL rule without a Python equivalent in this test: {text}"
+        if not CEL[text](value):
+            errors.append(f"{where or '<root>'}: {rule['message']}")
+    if isinstance(value, dict):
+        for key, sub in schema.get("properties", {}).items():
+            if key in value:
+                errors += _cel_errors(sub, value[key], f"{where}.{key}")
+        extra = schema.get("additionalProperties")
+        if isinstance(extra, dict):
+            for key, item in value.items():
+                errors += _cel_errors(extra, item, f"{where}.{key}")
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            errors += _cel_errors(schema["items"], item, f"{where}[{i}]")
+    return errors
+
+
+def validate(obj: dict[str, Any]) -> list[str]:
+    """Every problem the API server would report, as readable lines."""
+    schema = _schema(obj["kind"])
+    validator = jsonschema.Draft7Validator(schema, format_checker=FORMATS)
+    errors = [
+        f"{'.'.join(str(p) for p in e.absolute_path) or '<root>'}: {e.message}"
+        for e in validator.iter_errors(obj)
+    ]
+    return errors + _cel_errors(schema, obj)
+
+
+@pytest.mark.parametrize("kind", sorted(CRDS))
+def test_crd_is_complete(kind: str) -> None:
+    crd = CRDS[kind]
+    spec = crd["spec"]
+    assert crd["metadata"]["name"] == f"{spec['names']['plural']}.tollgate.dev"
+    assert spec["group"] == "tollgate.dev" and spec["scope"] == "Namespaced"
+    assert "tollgate" in spec["names"]["categories"]
+    assert spec["names"]["shortNames"]
+    (version,) = spec["versions"]
+    assert version["name"] == "v1alpha1" and version["served"] and version["storage"]
+    assert "status" in version["subresources"]
+    columns = [c["name"] for c in version["additionalPrinterColumns"]]
+    assert columns[-1] == "Age"
+    conditions = _schema(kind)["properties"]["status"]["properties"]["conditions"]
+    assert conditions["x-kubernetes-list-map-keys"] == ["type"]
+    assert set(conditions["items"]["required"]) == {"type", "status"}
+
+
+def test_printer_columns_as_specified() -> None:
+    def cols(kind: str) -> set[str]:
+        return {c["name"] for c in CRDS[kind]["spec"]["versions"][0]["additionalPrinterColumns"]}
+
+    assert {"Gateway", "Policy", "Ready", "Tokens Today", "Age"} <= cols("ApiKey")
+    assert {"Tokens/Day", "RPM", "TPM", "Keys", "Age"} <= cols("QuotaPolicy")
+    assert {"Upstream", "Replicas", "Ready", "Keys", "Age"} <= cols("InferenceGateway")
+    assert {"Node Selector", "Ready", "Age"} <= cols("GPUExporter")
+
+
+def _structural(schema: dict[str, Any], where: str = "") -> list[str]:
+    """The structural-schema rules the API server enforces on CRDs."""
+    problems = []
+    untyped = "type" not in schema and not schema.get("x-kubernetes-int-or-string")
+    if untyped and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        problems.append(f"{where}: no type")
+    for branch in schema.get("anyOf", []):
+        if set(branch) - {"type"} or not schema.get("x-kubernetes-int-or-string"):
+            problems.append(f"{where}: anyOf only for int-or-string")
+    for key, sub in schema.get("properties", {}).items():
+        problems += _structural(sub, f"{where}.{key}")
+    if isinstance(schema.get("items"), dict):
+        problems += _structural(schema["items"], f"{where}[]")
+    if isinstance(schema.get("additionalProperties"), dict):
+        problems += _structural(schema["additionalProperties"], f"{where}{{}}")
+    return problems
+
+
+@pytest.mark.parametrize("kind", sorted(CRDS))
+def test_schema_is_structural(kind: str) -> None:
+    assert _structural(_schema(kind)) == []
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_are_valid(path: Path) -> None:
+    for doc in yaml.safe_load_all(path.read_text()):
+        assert validate(doc) == [], path
+
+
+def test_one_example_per_kind() -> None:
+    kinds = {yaml.safe_load(p.read_text())["kind"] for p in EXAMPLES.glob("*.yaml")}
+    assert kinds == set(CRDS)
+
+
+def _example(kind: str) -> dict[str, Any]:
+    for path in EXAMPLES.glob("*.yaml"):
+        doc = yaml.safe_load(path.read_text())
+        if doc["kind"] == kind:
+            return doc
+    raise LookupError(kind)
+
+
+def _with(kind: str, dotted: str, value: Any) -> dict[str, Any]:
+    doc = copy.deepcopy(_example(kind))
+    *parents, last = dotted.split(".")
+    node = doc
+    for part in parents:
+        node = node.setdefault(part, {})
+    if value is _DELETE:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return doc
+
+
+_DELETE = object()
+
+BAD = [
+    ("ApiKey", "spec.gateway", _DELETE, "'gateway' is a required property"),
+    ("ApiKey", "spec.gateway", "Not_A_Name", "does not match"),
+    ("ApiKey", "spec.expiresAt", "next tuesday", "is not a 'date-time'"),
+    ("ApiKey", "spec.disabled", "yes", "is not of type 'boolean'"),
+    ("ApiKey", "spec.models", [], None),  # an empty list is allowed: no model at all
+    ("ApiKey", "spec.rotation", {"id": "r1"}, "'previousValidUntil' is a required property"),
+    ("ApiKey", "metadata.name", "k" * 64, "at most 63 characters"),
+    ("ApiKey", "spec.secretRef", {"key": "x"}, "'name' is a required property"),
+    ("QuotaPolicy", "spec.tokensPerDay", 0, "less than the minimum of 1"),
+    ("QuotaPolicy", "spec.requestsPerMinute", "600", "is not of type 'integer'"),
+    ("QuotaPolicy", "spec", {}, "at least one limit"),
+    ("InferenceGateway", "spec.upstream", _DELETE, "'upstream' is a required property"),
+    ("InferenceGateway", "spec.upstream.url", "vllm:8000", "does not match"),
+    ("InferenceGateway", "spec.replicas", -1, "less than the minimum of 0"),
+    ("InferenceGateway", "spec.drainSeconds", 0, "less than the minimum of 1"),
+    ("InferenceGateway", "spec.podDisruptionBudget", {"maxUnavailable": "half"}, "percentage"),
+    ("InferenceGateway", "spec.resources", {"requests": {"cpu": "lots"}}, "does not match"),
+    ("InferenceGateway", "spec.imagePullPolicy", "Sometimes", "is not one of"),
+    ("GPUExporter", "spec.intervalSeconds", 0.1, "less than the minimum of 0.5"),
+    ("GPUExporter", "spec.tolerations", [{"effect": "Maybe"}], "is not one of"),
+    ("GPUExporter", "spec.podResources", {"hostPath": "relative/dir"}, "does not match"),
+]
+
+
+@pytest.mark.parametrize(("kind", "field", "value", "message"), BAD, ids=lambda v: str(v)[:30])
+def test_bad_objects_are_rejected_with_a_useful_message(
+    kind: str, field: str, value: Any, message: str | None
+) -> None:
+    errors = validate(_with(kind, field, value))
+    if message is None:
+        assert errors == []
+    else:
+        assert any(message in e for e in errors), errors

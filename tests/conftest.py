@@ -40,8 +40,8 @@ def client(gateway: Gateway) -> openai.OpenAI:
 def make_sim(tmp_path: Path) -> Iterator[Callable[..., Sim]]:
     started: list[Sim] = []
 
-    def make(*args: str) -> Sim:
-        started.append(Sim(tmp_path, *args))
+    def make(*args: str, port: int | None = None, host: str = "127.0.0.1") -> Sim:
+        started.append(Sim(tmp_path, *args, port=port, host=host))
         return started[-1]
 
     yield make

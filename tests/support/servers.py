@@ -77,11 +77,13 @@ class Process:
 
 
 class Sim(Process):
-    def __init__(self, tmp: Path, *args: str, port: int | None = None) -> None:
+    def __init__(
+        self, tmp: Path, *args: str, port: int | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self.port = port or free_port()
-        argv = [str(BIN / "tollgate-sim"), "--port", str(self.port), *args]
-        super().__init__(argv, {}, tmp / f"sim-{self.port}.log")
-        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [str(BIN / "tollgate-sim"), "--host", host, "--port", str(self.port), *args]
+        super().__init__(argv, {}, tmp / f"sim-{host}-{self.port}.log")
+        self.url = f"http://{host}:{self.port}"
         wait_until(self._up)
 
     def _up(self) -> bool:

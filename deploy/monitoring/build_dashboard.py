@@ -463,6 +463,12 @@ def dashboard() -> dict[str, Any]:
         stack=True,
     )
     L.panel(
+        "Last document valid",
+        [q(f"min by (instance) (tollgate_config_last_reload_ok{{{GW}}})", "{{instance}}")],
+        description="0 while a rejected configuration document is pending on a replica"
+        " (it keeps the last good one): new keys and revocations are not in effect.",
+    )
+    L.panel(
         "Keys configured",
         [q(f"max by (instance) (tollgate_config_keys{{{GW}}})", "{{instance}}")],
         description="Keys in the configuration each replica uses.",

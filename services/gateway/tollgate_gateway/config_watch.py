@@ -41,6 +41,9 @@ class ConfigWatcher:
         self.version = "env"
         self.reloads_ok = 0
         self.reloads_failed = 0
+        # Whether the last document seen (file or API) was valid: a rejected one stays
+        # "pending" until a valid one arrives, and this says so.
+        self.last_ok = True
         self._signature: tuple[int, ...] | None = None
 
     def load(self) -> None:
@@ -85,6 +88,7 @@ class ConfigWatcher:
         except ValueError as exc:
             self._rejected(exc, source)
             return
+        self.last_ok = True
         if config.version() == self.version:
             return  # the other source already brought this one
         self._apply(config, source)
@@ -92,6 +96,7 @@ class ConfigWatcher:
 
     def _rejected(self, exc: Exception, source: str) -> None:
         self.reloads_failed += 1
+        self.last_ok = False
         log.error(
             "configuration rejected; keeping the last good one",
             extra={

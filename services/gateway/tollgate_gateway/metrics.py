@@ -282,6 +282,12 @@ class _StateCollector(Collector):
         reloads.add_metric(["ok"], gw.config.reloads_ok)
         reloads.add_metric(["failed"], gw.config.reloads_failed)
         yield reloads
+        yield GaugeMetricFamily(
+            "tollgate_config_last_reload_ok",
+            "1 when the last configuration document seen was valid; 0 while a rejected one"
+            " is pending (the last good one is in use).",
+            value=int(gw.config.last_ok),
+        )
         quota = gw.quota
         yield GaugeMetricFamily(
             "tollgate_quota_store_up",

@@ -70,9 +70,19 @@ def test_revocation_and_policy_change_reach_every_replica(pg, make_sim, make_gat
     )
     assert all(_status(g.url, ALPHA) == 401 for g in gateways)
     assert all(g.proc.poll() is None for g in gateways)
+    # The rejected document is visible in the metrics until a valid one replaces it.
+    assert all(_metric(g, "tollgate_config_last_reload_ok") == 0 for g in gateways)
+    assert all(_metric(g, 'tollgate_config_reloads_total{result="failed"}') >= 1 for g in gateways)
     # All three still run the same last good document (the "tight" one).
     assert len({_loaded(g)[-1] for g in gateways}) == 1
     assert all(len(_loaded(g)) == 3 for g in gateways)
+
+
+def _metric(gw, sample: str) -> float:
+    for line in httpx.get(gw.url + "/metrics").text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{sample} not in the scrape")
 
 
 def _loaded(gw) -> list[str]:

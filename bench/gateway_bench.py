@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +55,33 @@ def wait_http(url: str, timeout: float = 20) -> float:
         except OSError:
             time.sleep(0.005)
     raise SystemExit(f"{url} not ready after {timeout} s")
+
+
+@contextlib.contextmanager
+def gateway_process(env: dict[str, str]) -> Iterator[tuple[str, psutil.Process]]:
+    """A gateway on a free port with `env` (over sane bench defaults): its chat URL and
+    process, stopped with SIGTERM afterwards. The per-IP limit stays on (checked on every
+    request) but above what one load generator on one address sends."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(BIN / "tollgate-gateway")],
+        env={
+            **os.environ,
+            "GATEWAY_HOST": "127.0.0.1",
+            "GATEWAY_PORT": str(port),
+            "GATEWAY_API_KEYS": f"bench:{KEY}",
+            "GATEWAY_IP_RATE_PER_SECOND": "1000000",
+            **env,
+        },
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ready")
+        yield f"http://127.0.0.1:{port}/v1/chat/completions", psutil.Process(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
 
 
 def cpu_seconds(proc: psutil.Process) -> float:

@@ -22,7 +22,7 @@ import time
 import timeit
 
 import psutil
-from gateway_bench import BIN, CHAT, KEY, free_port, measure, wait_http
+from gateway_bench import BIN, CHAT, free_port, gateway_process, measure, wait_http
 
 from tollgate_gateway.app import Gateway
 from tollgate_gateway.exchange import Exchange
@@ -86,34 +86,18 @@ def main() -> None:
         },
     }
     rows = []
+    sim_proc = psutil.Process(sim.pid)
     try:
         for name, extra in variants.items():
-            port = free_port()
-            gateway = subprocess.Popen(
-                [str(BIN / "tollgate-gateway")],
-                env={
-                    **os.environ,
-                    "VLLM_URL": f"http://127.0.0.1:{sim_port}",
-                    "GATEWAY_HOST": "127.0.0.1",
-                    "GATEWAY_PORT": str(port),
-                    "GATEWAY_API_KEYS": f"bench:{KEY}",
-                    "DATABASE_URL": f"sqlite:///{tmp}/{port}.db",
-                    "GATEWAY_IP_RATE_PER_SECOND": "1000000",
-                    **extra,
-                },
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            try:
-                wait_http(f"http://127.0.0.1:{port}/ready")
-                gw, sp = psutil.Process(gateway.pid), psutil.Process(sim.pid)
-                url = f"http://127.0.0.1:{port}/v1/chat/completions"
-                non_stream = measure(gw, sp, url, CHAT % (16, b""), False, 32, 12000)
-                stream = measure(gw, sp, url, CHAT % (64, b',"stream":true'), True, 32, 6000)
-                rows.append((name, non_stream, stream))
-            finally:
-                gateway.send_signal(signal.SIGTERM)
-                gateway.wait(30)
+            env = {
+                "VLLM_URL": f"http://127.0.0.1:{sim_port}",
+                "DATABASE_URL": f"sqlite:///{tmp}/{len(rows)}.db",
+                **extra,
+            }
+            with gateway_process(env) as (url, gw):
+                non_stream = measure(gw, sim_proc, url, CHAT % (16, b""), False, 32, 12000)
+                stream = measure(gw, sim_proc, url, CHAT % (64, b',"stream":true'), True, 32, 6000)
+            rows.append((name, non_stream, stream))
     finally:
         for proc in (sim, sink):
             proc.send_signal(signal.SIGTERM)

@@ -6,13 +6,12 @@ run (concurrency 32): balancing must cost next to nothing per request.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import tempfile
 
 import psutil
-from gateway_bench import BIN, CHAT, KEY, free_port, measure, wait_http
+from gateway_bench import BIN, CHAT, free_port, gateway_process, measure, wait_http
 
 
 def main() -> None:
@@ -29,33 +28,14 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     variants = {"one upstream": {"VLLM_URL": urls[0]}, "pool of 4": {"VLLM_URLS": ",".join(urls)}}
     rows = []
+    sim = psutil.Process(sims[0].pid)
     try:
         for name, extra in variants.items():
-            port = free_port()
-            gateway = subprocess.Popen(
-                [str(BIN / "tollgate-gateway")],
-                env={
-                    **os.environ,
-                    "GATEWAY_HOST": "127.0.0.1",
-                    "GATEWAY_PORT": str(port),
-                    "GATEWAY_API_KEYS": f"bench:{KEY}",
-                    "GATEWAY_IP_RATE_PER_SECOND": "1000000",
-                    "DATABASE_URL": f"sqlite:///{tmp}/{port}.db",
-                    **extra,
-                },
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            try:
-                wait_http(f"http://127.0.0.1:{port}/ready")
-                gw, sim = psutil.Process(gateway.pid), psutil.Process(sims[0].pid)
-                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            env = {"DATABASE_URL": f"sqlite:///{tmp}/{len(rows)}.db", **extra}
+            with gateway_process(env) as (url, gw):
                 non_stream = measure(gw, sim, url, CHAT % (16, b""), False, 32, 12000)
                 stream = measure(gw, sim, url, CHAT % (64, b',"stream":true'), True, 32, 6000)
-                rows.append((name, non_stream, stream))
-            finally:
-                gateway.send_signal(signal.SIGTERM)
-                gateway.wait(30)
+            rows.append((name, non_stream, stream))
     finally:
         for sim_proc in sims:
             sim_proc.send_signal(signal.SIGTERM)

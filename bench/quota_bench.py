@@ -25,7 +25,7 @@ from pathlib import Path
 
 import asyncpg
 import psutil
-from gateway_bench import BIN, CHAT, KEY, free_port, measure, wait_http
+from gateway_bench import BIN, CHAT, KEY, free_port, gateway_process, measure, wait_http
 
 from tollgate_gateway.keys import key_hash
 
@@ -74,14 +74,9 @@ def main() -> None:
         [str(BIN / "tollgate-sim"), "--port", str(sim_port)], stdout=subprocess.DEVNULL
     )
     wait_http(f"http://127.0.0.1:{sim_port}/health")
-    base_env = {
-        **os.environ,
-        "VLLM_URL": f"http://127.0.0.1:{sim_port}",
-        "GATEWAY_HOST": "127.0.0.1",
-    }
+    base_env = {"VLLM_URL": f"http://127.0.0.1:{sim_port}"}
     variants = {
         "limits off (SQLite, no policy, no IP limit)": {
-            "GATEWAY_API_KEYS": f"bench:{KEY}",
             "GATEWAY_IP_RATE_PER_SECOND": "0",
             "DATABASE_URL": f"sqlite:///{tmp}/usage.db",
         },
@@ -89,25 +84,14 @@ def main() -> None:
             "GATEWAY_CONFIG_FILE": str(config),
             "DATABASE_URL": args.database_url,
             "QUOTA_DB_SCHEMA": schema,
-            # On (every request is checked), but above what one load generator sends.
-            "GATEWAY_IP_RATE_PER_SECOND": "1000000",
+            "GATEWAY_API_KEYS": "",
         },
     }
     sim_proc = psutil.Process(sim.pid)
     results = {}
     try:
         for name, env in variants.items():
-            port = free_port()
-            gateway = subprocess.Popen(
-                [str(BIN / "tollgate-gateway")],
-                env={**base_env, **env, "GATEWAY_PORT": str(port)},
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            try:
-                wait_http(f"http://127.0.0.1:{port}/ready")
-                gw_proc = psutil.Process(gateway.pid)
-                url = f"http://127.0.0.1:{port}/v1/chat/completions"
+            with gateway_process({**base_env, **env}) as (url, gw_proc):
                 rows = []
                 for label, body, stream, n in (
                     ("non-stream 16 tok", CHAT % (16, b""), False, args.requests),
@@ -119,10 +103,7 @@ def main() -> None:
                     elapsed = time.monotonic() - started
                     statements = asyncio.run(_commits(args.database_url)) - commits - 1
                     rows.append((label, result, statements / elapsed))
-                results[name] = rows
-            finally:
-                gateway.send_signal(signal.SIGTERM)
-                gateway.wait(30)
+            results[name] = rows
     finally:
         sim.send_signal(signal.SIGTERM)
         sim.wait(30)

@@ -42,6 +42,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
 class Process:
     """A child process whose output goes to a file the test can read."""
 
+    url: str
+
     def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
@@ -60,6 +62,19 @@ class Process:
             except ValueError:
                 continue
         return entries
+
+    def wait_healthy(self) -> None:
+        """Until GET /health answers 200; fails at once with the output if it exited."""
+
+        def up() -> bool:
+            try:
+                return httpx.get(self.url + "/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"{self.proc.args[0]} exited:\n{self.output()}") from None
+                return False
+
+        wait_until(up)
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -84,15 +99,7 @@ class Sim(Process):
         argv = [str(BIN / "tollgate-sim"), "--host", host, "--port", str(self.port), *args]
         super().__init__(argv, {}, tmp / f"sim-{host}-{self.port}.log")
         self.url = f"http://{host}:{self.port}"
-        wait_until(self._up)
-
-    def _up(self) -> bool:
-        try:
-            return httpx.get(self.url + "/health", timeout=1).status_code == 200
-        except httpx.TransportError:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"simulator exited:\n{self.output()}") from None
-            return False
+        self.wait_healthy()
 
     def stats(self) -> dict[str, Any]:
         return httpx.get(self.url + "/sim/stats").json()
@@ -118,15 +125,7 @@ class Gateway(Process):
         }
         super().__init__([str(BIN / "tollgate-gateway")], full_env, tmp / f"gw-{self.port}.log")
         self.url = f"http://127.0.0.1:{self.port}"
-        wait_until(self._up)
-
-    def _up(self) -> bool:
-        try:
-            return httpx.get(self.url + "/health", timeout=1).status_code == 200
-        except httpx.TransportError:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"gateway exited:\n{self.output()}") from None
-            return False
+        self.wait_healthy()
 
     def requests(self) -> list[dict[str, Any]]:
         return [e for e in self.lines() if e.get("event") == "request"]

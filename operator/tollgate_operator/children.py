@@ -343,7 +343,8 @@ def exporter_daemonset(gx: Manifest) -> Manifest:
         "securityContext": {
             **_RESTRICTED_CONTAINER,
             "runAsNonRoot": not with_pod_resources,
-            **({} if with_pod_resources else {"runAsUser": 65534}),
+            # Explicit: the image's own user (non-root) could not open the socket.
+            "runAsUser": 0 if with_pod_resources else 65534,
         },
         "volumeMounts": [],
     }

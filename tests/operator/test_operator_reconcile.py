@@ -403,6 +403,9 @@ def test_gpu_exporter_children(kube: Kube, operator: Operator) -> None:
         {"name": "pod-resources", "mountPath": "/var/lib/kubelet/pod-resources", "readOnly": True}
     ]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # The kubelet's socket is root-owned: reading it needs uid 0, said explicitly (the
+    # image's default user is not root).
+    assert container["securityContext"]["runAsUser"] == 0
     assert container["ports"][0]["containerPort"] == 9101
     assert svc["spec"]["clusterIP"] == "None"
 

@@ -1,0 +1,86 @@
+"""The operator's RBAC in the chart is exactly what it uses: operator/tollgate_operator/rbac.py
+(USED, which tests/operator checks against the emulator's request log, plus GRANT_ONLY,
+needed to create the gateways' Roles). Not one verb more, not one less, in both the
+cluster-wide (ClusterRole) and the namespaced (Role per watched namespace) forms."""
+
+from __future__ import annotations
+
+import pytest
+from chart_support import NAMESPACE, RELEASE, Manifest, of_kind, one, render
+
+from tollgate_operator import rbac
+
+Triple = tuple[str, str, str]
+
+
+def _triples(rules: list[Manifest]) -> set[Triple]:
+    found = set()
+    for rule in rules:
+        assert set(rule) == {"apiGroups", "resources", "verbs"}, rule  # no resourceNames/URLs
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                for verb in rule["verbs"]:
+                    found.add((group, resource, verb))
+    return found
+
+
+def _expected() -> set[Triple]:
+    return {
+        (group, resource, verb)
+        for table in (rbac.USED, rbac.GRANT_ONLY)
+        for (group, resource), verbs in table.items()
+        for verb in verbs
+    }
+
+
+def test_cluster_role_is_exactly_rbac_py() -> None:
+    docs = render()
+    (role,) = of_kind(docs, "ClusterRole")
+    assert _triples(role["rules"]) == _expected()
+    # Same shape as cluster_role_rules(): one rule per (group, resource), verbs sorted.
+    normalise = sorted((r["apiGroups"], r["resources"], sorted(r["verbs"])) for r in role["rules"])
+    assert normalise == sorted(
+        (r["apiGroups"], r["resources"], r["verbs"]) for r in rbac.cluster_role_rules()
+    )
+    assert not of_kind(docs, "Role"), "the chart grants nothing else"
+
+
+def test_nothing_is_wildcarded_or_escalating() -> None:
+    for group, resource, verb in _expected() | _triples(one(render(), "ClusterRole")["rules"]):
+        assert "*" not in (group, resource, verb)
+        assert verb not in ("escalate", "bind", "impersonate", "update", "deletecollection")
+    secrets = {v for g, r, v in _triples(one(render(), "ClusterRole")["rules"]) if r == "secrets"}
+    assert "delete" not in secrets and "update" not in secrets
+
+
+def test_binding_is_the_operator_service_account() -> None:
+    docs = render()
+    binding = one(docs, "ClusterRoleBinding")
+    account = one(docs, "ServiceAccount")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": one(docs, "ClusterRole")["metadata"]["name"],
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}
+    ]
+    operator = one(docs, "Deployment", f"{RELEASE}-operator")
+    assert operator["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    # The name tests/operator/test_operator_cluster.py checks on a real cluster.
+    assert account["metadata"]["name"] == "tollgate-operator"
+
+
+@pytest.mark.parametrize("namespaces", [[NAMESPACE], [NAMESPACE, "llm", "staging"]])
+def test_namespaced_roles_are_exactly_rbac_py(namespaces: list[str]) -> None:
+    docs = render({"operator": {"watchNamespaces": namespaces}})
+    roles = {r["metadata"]["namespace"]: r for r in of_kind(docs, "Role")}
+    bindings = {b["metadata"]["namespace"]: b for b in of_kind(docs, "RoleBinding")}
+    assert set(roles) == set(bindings) == set(namespaces)
+    for namespace, role in roles.items():
+        assert _triples(role["rules"]) == _expected(), namespace
+        assert bindings[namespace]["roleRef"]["kind"] == "Role"
+        assert bindings[namespace]["subjects"] == [
+            {"kind": "ServiceAccount", "name": f"{RELEASE}-operator", "namespace": NAMESPACE}
+        ]
+    assert not of_kind(docs, "ClusterRole") and not of_kind(docs, "ClusterRoleBinding")

@@ -47,9 +47,12 @@ def main() -> None:
     sim_port = port(int(os.environ.get("DEMO_SIM_PORT", 8000)))
     gw_port = port(int(os.environ.get("DEMO_GATEWAY_PORT", 8080)))
     key = "sk-demo-" + secrets.token_urlsafe(24)
+    # Children get sessions of their own: a terminal's Ctrl-C reaches only this script,
+    # which then stops them in order (the gateway drains first).
     sim = subprocess.Popen(
         [str(BIN / "tollgate-sim"), "--port", str(sim_port), "--itl-ms", "30"],
         stdout=subprocess.DEVNULL,
+        start_new_session=True,
     )
     env = {
         **os.environ,
@@ -61,7 +64,13 @@ def main() -> None:
     }
     log_path = Path(os.environ.get("DEMO_LOG", "demo-gateway.log"))
     with log_path.open("wb") as log:
-        gateway = subprocess.Popen([str(BIN / "tollgate-gateway")], env=env, stdout=log, stderr=log)
+        gateway = subprocess.Popen(
+            [str(BIN / "tollgate-gateway")],
+            env=env,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:

@@ -27,6 +27,7 @@ def test_demo_runs_end_to_end_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         env=env,
         stdout=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group, like a terminal's foreground job
     )
     assert proc.stdout is not None
     out = ""
@@ -42,7 +43,7 @@ def test_demo_runs_end_to_end_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         model="sim-llama", messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
     assert reply.choices[0].message.content == "Hello from"
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group gets it
     rest, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out + rest
     assert "gateway exit 0, simulator exit 0" in rest

@@ -221,6 +221,19 @@ def dashboard() -> dict[str, Any]:
         stack=True,
     )
     L.panel(
+        "Rejections by key",
+        [
+            q(
+                f"sum by (key, reason) (rate(tollgate_rejections_total{{{GW}}}[{RATE}]))",
+                "{{key}} {{reason}}",
+            )
+        ],
+        description='Which team is being refused, and why (key names; "none" before a'
+        " key is known, e.g. auth failures).",
+        unit="reqps",
+        stack=True,
+    )
+    L.panel(
         "Requests in flight",
         [q(f"sum by (instance) (tollgate_requests_in_flight{{{GW}}})", "{{instance}}")],
         description="Requests being proxied now, per replica.",

@@ -88,8 +88,10 @@ def test_label_values_named_in_queries_exist_in_real_scrapes(
 
 def test_the_scrapes_saw_the_traffic(gateway_scrape: str, nvml_scrape: str) -> None:
     """The scrapes the names are checked against carry the series the traffic produced."""
-    assert re.search(r'tollgate_rejections_total\{reason="auth"\} 1\.0', gateway_scrape)
-    assert re.search(r'tollgate_rejections_total\{reason="breaker"\} [1-9]', gateway_scrape)
+    assert re.search(r'tollgate_rejections_total\{key="none",reason="auth"\} 1\.0', gateway_scrape)
+    assert re.search(
+        r'tollgate_rejections_total\{key="[^"]+",reason="breaker"\} [1-9]', gateway_scrape
+    )
     assert re.search(
         r"tollgate_circuit_breaker_transitions_total"
         r'\{(?=[^}]*from_state="closed")(?=[^}]*to_state="open")[^}]*\} 1\.0',

@@ -128,8 +128,8 @@ class GatewayMetrics:
             "tollgate_rejections",
             "Requests refused by the gateway before reaching the upstream, by reason: "
             + ", ".join(REJECTION_REASONS)
-            + ".",
-            ["reason"],
+            + "; and by key name ('none' before the key is known).",
+            ["reason", "key"],
             registry=reg,
         )
         self.upstream_errors = Counter(
@@ -165,7 +165,7 @@ class GatewayMetrics:
         route = ex.route
         self._inc(self.requests, (route, model, key, str(ex.status)))
         if ex.rejection is not None:
-            self._inc(self.rejections, (ex.rejection,))
+            self._inc(self.rejections, (ex.rejection, key))
             return
         self._observe(self.duration, (route, model, "true" if ex.stream else "false"), latency)
         self._observe(self.overhead, (route,), latency - ex.upstream_seconds)

@@ -101,3 +101,20 @@ def test_fail_closed_refuses_while_the_store_is_down(temp_pg, make_sim, make_gat
     stats = sim.stats()
     assert stats["completed"] == 3
     assert _tokens(temp_pg.url, "team-a") == stats["prompt_tokens"] + stats["completion_tokens"]
+
+
+def test_the_gateway_starts_and_serves_while_the_database_is_down(
+    temp_pg, make_sim, make_gateway
+) -> None:
+    sim = make_sim()
+    temp_pg.stop()
+    gw = make_gateway(sim.url, DATABASE_URL=temp_pg.url, QUOTA_FLUSH_INTERVAL_SECONDS="0.2")
+    assert httpx.get(gw.url + "/ready").status_code == 200
+    assert _send(gw.url, 5) == [200] * 5
+    assert _store_events(gw) == [False]
+    temp_pg.start()  # the schema is created when the database first answers
+    wait_until(lambda: _store_events(gw) == [False, True], timeout=10)
+    gw.signal(signal.SIGTERM)
+    assert gw.proc.wait(20) == 0
+    stats = sim.stats()
+    assert _tokens(temp_pg.url, "team-a") == stats["prompt_tokens"] + stats["completion_tokens"]

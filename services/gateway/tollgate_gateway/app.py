@@ -119,7 +119,6 @@ class Gateway:
         self.metrics.set_known_models(known)
 
     async def startup(self) -> None:
-        await self.quota.store.start()
         await self.quota.start(self.keys.names())
         await self.upstreams.start()
         self._tasks.append(asyncio.create_task(self.config.watch(), name="config-watch"))
@@ -137,6 +136,7 @@ class Gateway:
                 "keys": len(self.keys),
                 "config_version": self.config_version,
                 "quota_store": self.settings.database_url.split(":", 1)[0],
+                "quota_store_up": self.quota.store_ok,
                 "upstreams_available": sum(u.available() for u in self.upstreams.upstreams),
             },
         )

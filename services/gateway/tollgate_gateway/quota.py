@@ -85,6 +85,7 @@ class QuotaLedger:
         self._inflight: dict[str, int] = {}
         self._active: dict[str, float] = {}
         self._flush_lock = asyncio.Lock()
+        self._store_started = False
         self._task: asyncio.Task[None] | None = None
         self._day_number = -1
         self._day_text = ""
@@ -97,7 +98,9 @@ class QuotaLedger:
     # Start and stop
 
     async def start(self, key_names: Iterable[str]) -> None:
-        """Load today's totals of the known keys, then flush on a timer."""
+        """Load today's totals of the known keys, then flush on a timer. A store that is
+        down at start is an outage like any other: the gateway serves (or, fail-closed,
+        refuses) and keeps trying to reach it at every flush."""
         now = self._clock()
         for name in key_names:
             self._active[name] = now
@@ -218,6 +221,13 @@ class QuotaLedger:
     async def flush(self) -> bool:
         """Send local deltas, refresh global totals; False if the store failed."""
         async with self._flush_lock:
+            if not self._store_started:
+                try:
+                    await self.store.start()
+                except Exception as exc:
+                    self._store_failed(exc)
+                    return False
+                self._store_started = True
             now = self._clock()
             active = [n for n, seen in self._active.items() if now - seen < ACTIVE_SECONDS]
             if self._sending is None:
@@ -233,13 +243,7 @@ class QuotaLedger:
             try:
                 totals = await self.store.flush(self._sending, read_days, read_minutes)
             except Exception as exc:
-                self.flush_errors += 1
-                if self.store_ok:
-                    log.warning(
-                        "quota store unavailable; buffering usage",
-                        extra={"event": "quota_store", "ok": False, "error": repr(exc)},
-                    )
-                self.store_ok = False
+                self._store_failed(exc)
                 return False
             self.on_flush(time.perf_counter() - started)
             self.last_flush_at = now
@@ -254,6 +258,15 @@ class QuotaLedger:
             self.store_ok = True
             self._forget_old(now, day, minute)
             return True
+
+    def _store_failed(self, exc: Exception) -> None:
+        self.flush_errors += 1
+        if self.store_ok:
+            log.warning(
+                "quota store unavailable; buffering usage",
+                extra={"event": "quota_store", "ok": False, "error": repr(exc)},
+            )
+        self.store_ok = False
 
     def buffered_deltas(self) -> int:
         sending = self._sending

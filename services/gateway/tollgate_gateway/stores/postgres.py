@@ -99,13 +99,18 @@ class PostgresStore:
         self._flushes = 0
 
     async def start(self) -> None:
-        self._pool = await asyncpg.create_pool(
-            self.url,
-            min_size=1,
-            max_size=2,
-            command_timeout=10,
-            server_settings={"search_path": self.schema, "application_name": "tollgate-gateway"},
-        )
+        """Connect and migrate; called again after a failure (the pool is kept)."""
+        if self._pool is None:
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=2,
+                command_timeout=10,
+                server_settings={
+                    "search_path": self.schema,
+                    "application_name": "tollgate-gateway",
+                },
+            )
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
             await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')

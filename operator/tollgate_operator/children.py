@@ -168,7 +168,15 @@ def gateway_deployment(gw: Manifest) -> Manifest:
     upstream = spec.get("upstream", {})
     drain = int(spec.get("drainSeconds", 30))
     delay = int(spec.get("shutdownDelaySeconds", 5))
-    env: list[dict[str, Any]] = [{"name": "VLLM_URL", "value": upstream.get("url", "")}]
+    # One of url / urls / dnsName (the CRD requires exactly one).
+    if upstream.get("dnsName"):
+        env: list[dict[str, Any]] = [{"name": "VLLM_DNS_NAME", "value": upstream["dnsName"]}]
+    elif upstream.get("urls"):
+        env = [{"name": "VLLM_URLS", "value": ",".join(upstream["urls"])}]
+    else:
+        env = [{"name": "VLLM_URL", "value": upstream.get("url", "")}]
+    if upstream.get("sessionAffinity", "off") != "off":
+        env.append({"name": "GATEWAY_SESSION_AFFINITY", "value": upstream["sessionAffinity"]})
     if upstream.get("apiKeySecretRef"):
         env.append(_secret_env("VLLM_API_KEY", upstream["apiKeySecretRef"], "api-key"))
     if spec.get("servedModelName"):
@@ -222,6 +230,8 @@ def gateway_deployment(gw: Manifest) -> Manifest:
             {"name": "tmp", "emptyDir": {}},
         ],
     }
+    if spec.get("imagePullSecrets"):
+        pod_spec["imagePullSecrets"] = spec["imagePullSecrets"]
     if spec.get("nodeSelector"):
         pod_spec["nodeSelector"] = spec["nodeSelector"]
     if spec.get("tolerations"):
@@ -253,7 +263,7 @@ def gateway_service(gw: Manifest) -> Manifest:
         "kind": "Service",
         "metadata": _meta(gateway_name(name), ns, _gw_owner(gw), "gateway", name),
         "spec": {
-            "type": "ClusterIP",
+            "type": gw.get("spec", {}).get("service", {}).get("type", "ClusterIP"),
             "selector": selector_labels("gateway", name),
             "ports": [{"name": "http", "port": GATEWAY_PORT, "targetPort": "http"}],
         },
@@ -372,6 +382,11 @@ def exporter_daemonset(gx: Manifest) -> Manifest:
                     "priorityClassName": "system-node-critical",
                     "containers": [container],
                     "volumes": volumes,
+                    **(
+                        {"imagePullSecrets": spec["imagePullSecrets"]}
+                        if spec.get("imagePullSecrets")
+                        else {}
+                    ),
                 },
             },
         },

@@ -34,6 +34,9 @@ CEL: dict[str, Any] = {
         k in s
         for k in ("requestsPerMinute", "tokensPerMinute", "tokensPerDay", "maxConcurrentRequests")
     ),
+    "[has(self.url), has(self.urls), has(self.dnsName)].filter(x, x).size() == 1": lambda s: (
+        sum(k in s for k in ("url", "urls", "dnsName")) == 1
+    ),
     "type(self) == int ? self >= 0 : self.matches('^[0-9]+%$')": lambda s: (
         s >= 0 if isinstance(s, int) else re.match(r"^[0-9]+%$", s) is not None
     ),
@@ -189,6 +192,17 @@ BAD = [
     ("QuotaPolicy", "spec", {}, "at least one limit"),
     ("InferenceGateway", "spec.upstream", _DELETE, "'upstream' is a required property"),
     ("InferenceGateway", "spec.upstream.url", "vllm:8000", "does not match"),
+    ("InferenceGateway", "spec.upstream", {}, "exactly one of url, urls or dnsName"),
+    (
+        "InferenceGateway",
+        "spec.upstream",
+        {"url": "http://vllm:8000", "dnsName": "vllm-headless:8000"},
+        "exactly one of url, urls or dnsName",
+    ),
+    ("InferenceGateway", "spec.upstream.dnsName", "vllm-headless", "does not match"),
+    ("InferenceGateway", "spec.upstream.urls", [], "should be non-empty"),
+    ("InferenceGateway", "spec.service", {"type": "ExternalName"}, "is not one of"),
+    ("InferenceGateway", "spec.imagePullSecrets", [{"nam": "x"}], "'name' is a required"),
     ("InferenceGateway", "spec.replicas", -1, "less than the minimum of 0"),
     ("InferenceGateway", "spec.drainSeconds", 0, "less than the minimum of 1"),
     ("InferenceGateway", "spec.podDisruptionBudget", {"maxUnavailable": "half"}, "percentage"),

@@ -167,6 +167,45 @@ def test_gateway_without_service_monitor_crd(kube: Kube, operator: Operator) -> 
     assert "servicemonitors" not in operator.output()
 
 
+def test_gateway_replicas_from_dns_pull_secrets_and_service_type(
+    kube: Kube, operator: Operator
+) -> None:
+    kube.apply(
+        gateway(
+            upstream={
+                "dnsName": "vllm-headless.llm.svc.cluster.local:8000",
+                "sessionAffinity": "key",
+            },
+            imagePullSecrets=[{"name": "registry-creds"}],
+            service={"type": "NodePort"},
+        )
+    )
+    name = f"{GW}-gateway"
+    deployment = wait_until(lambda: kube.get("Deployment", NS, name))
+    pod = deployment["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["VLLM_DNS_NAME"] == "vllm-headless.llm.svc.cluster.local:8000"
+    assert "VLLM_URL" not in env
+    assert env["GATEWAY_SESSION_AFFINITY"] == "key"
+    assert pod["imagePullSecrets"] == [{"name": "registry-creds"}]
+    assert wait_until(lambda: kube.get("Service", NS, name))["spec"]["type"] == "NodePort"
+
+    # A merge patch: the DNS name is removed explicitly.
+    urls = ["http://vllm-0:8000", "http://vllm-1:8000"]
+    kube.apply(gateway(upstream={"urls": urls, "dnsName": None, "sessionAffinity": None}))
+    wait_until(
+        lambda: (
+            {
+                e["name"]: e.get("value")
+                for e in kube.get("Deployment", NS, name)["spec"]["template"]["spec"]["containers"][
+                    0
+                ]["env"]
+            }.get("VLLM_URLS")
+            == "http://vllm-0:8000,http://vllm-1:8000"
+        )
+    )
+
+
 def test_existing_child_of_someone_else_is_not_overwritten(kube: Kube, operator: Operator) -> None:
     service = {
         "apiVersion": "v1",

@@ -56,6 +56,17 @@ MATRIX: dict[str, dict[str, Any]] = {
     "no-gateway": {"gateway": {"enabled": False}, "quotaPolicies": {"standard": None}},
     "ephemeral-db": {"database": {"embedded": {"persistence": {"enabled": False}}}},
     "registry": {"images": {"registry": "ghcr.io/acme", "tag": "1.2.3"}},
+    "replicas-from-dns": {
+        "images": {"pullSecrets": [{"name": "regcred"}]},
+        "gpuExporter": {"enabled": True},
+        "gateway": {
+            "upstream": {
+                "dnsName": "vllm-headless.llm.svc.cluster.local:8000",
+                "sessionAffinity": "key",
+            },
+            "service": {"type": "NodePort"},
+        },
+    },
     "upstream-key": {
         "gateway": {
             "upstream": {"url": "https://vllm.llm.svc:8443/", "apiKeySecret": {"name": "vllm-key"}}
@@ -101,6 +112,23 @@ def test_default_render_has_the_promised_objects() -> None:
     assert gateway["spec"]["defaultPolicy"] == "standard"
     assert one(docs, "QuotaPolicy", "standard")["spec"]["tokensPerDay"] == 2_000_000
     assert "GPUExporter" not in kinds(docs)
+
+
+def test_replicas_from_dns_pull_secrets_and_service_type() -> None:
+    docs = render(MATRIX["replicas-from-dns"])
+    spec = one(docs, "InferenceGateway")["spec"]
+    assert spec["upstream"] == {
+        "dnsName": "vllm-headless.llm.svc.cluster.local:8000",
+        "sessionAffinity": "key",
+    }
+    assert spec["service"] == {"type": "NodePort"}
+    assert spec["imagePullSecrets"] == [{"name": "regcred"}]
+    assert one(docs, "GPUExporter")["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    operator = one(docs, "Deployment", f"{RELEASE}-operator")
+    assert operator["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    urls = ["http://vllm-0:8000", "http://vllm-1:8000"]
+    spec = one(render({"gateway": {"upstream": {"urls": urls}}}), "InferenceGateway")["spec"]
+    assert spec["upstream"] == {"urls": urls}
 
 
 def test_default_images_are_the_operators_defaults() -> None:

@@ -50,6 +50,17 @@ async def run(args: argparse.Namespace) -> None:
     )
 
 
+def _quiet_timers(record: logging.LogRecord) -> bool:
+    """kopf logs every timer run ("Timer 'refresh' succeeded."): with a status timer per
+    ApiKey that is a line per key every interval, for nothing. Failures still show."""
+    return not (
+        record.name.startswith("kopf.objects")
+        and record.levelno == logging.INFO
+        and record.getMessage().startswith("Timer ")
+        and record.getMessage().endswith(" succeeded.")
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(
@@ -58,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     # kubernetes_asyncio logs every request body at DEBUG; keep it quiet.
     logging.getLogger("kubernetes_asyncio").setLevel(logging.WARNING)
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_timers)
     asyncio.run(run(args))
 
 

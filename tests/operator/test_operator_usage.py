@@ -139,7 +139,12 @@ def test_apikey_status_shows_tokens_today(kube: Kube, operator: Operator, dsn: s
 def test_no_database_means_no_usage(kube: Kube, operator: Operator) -> None:
     kube.apply(gateway())
     kube.apply(apikey("team-a"))
-    wait_until(lambda: (kube.get("ApiKey", NS, "team-a").get("status") or {}).get("conditions"))
-    status = kube.get("ApiKey", NS, "team-a")["status"]
+    # Ready once the config is written (the first status may still say Pending).
+    status = wait_until(
+        lambda: (
+            (st := kube.get("ApiKey", NS, "team-a").get("status") or {}).get("conditions")
+            and st["conditions"][0]["status"] == "True"
+            and st
+        )
+    )
     assert "usage" not in status
-    assert status["conditions"][0]["status"] == "True"

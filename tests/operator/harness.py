@@ -4,20 +4,20 @@ polling with deadlines."""
 from __future__ import annotations
 
 import base64
+import functools
 import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
+import servers
 from k8s_emulator import TEST_USER_AGENT, EmulatorThread
+from servers import BIN, Process
 
-BIN = Path(sys.executable).parent
-T = TypeVar("T")
+# The tests poll the emulator every 50 ms: its request log is asserted on, so faster
+# polling would only add noise to it.
+wait_until = functools.partial(servers.wait_until, interval=0.05)
 
 # (group/version, plural) for the kinds the tests touch.
 KINDS = {
@@ -36,19 +36,6 @@ KINDS = {
     "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
     "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors"),
 }
-
-
-def wait_until(predicate: Callable[[], T | None], timeout: float = 10.0, what: str = "") -> T:
-    """Poll until `predicate()` is truthy; its value, or AssertionError at the deadline."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = predicate()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what or predicate} (last: {last!r})")
-        time.sleep(0.05)
 
 
 def path(kind: str, namespace: str | None, name: str | None = None, sub: str = "") -> str:
@@ -117,43 +104,21 @@ class Kube:
         return base64.b64decode(secret["data"][key]).decode()
 
 
-class Operator:
+class Operator(Process):
     """`tollgate-operator` as a child process pointed at the emulator."""
 
     def __init__(self, cluster: EmulatorThread, tmp: Path, **env: str) -> None:
-        self.log_path = tmp / f"operator-{time.monotonic_ns()}.log"
         kubeconfig = cluster.write_kubeconfig(tmp / "kubeconfig")
-        full_env = {
-            **os.environ,
+        defaults: dict[str, str | None] = {
             "KUBECONFIG": str(kubeconfig),
+            "KUBERNETES_SERVICE_HOST": None,  # never the in-cluster config
             "TOLLGATE_STATUS_INTERVAL": "1",
             "TOLLGATE_DEBOUNCE_SECONDS": "0.2",
             "TOLLGATE_DEBOUNCE_MAX_SECONDS": "0.6",
             "TOLLGATE_LOG_LEVEL": "DEBUG" if os.environ.get("TOLLGATE_TEST_DEBUG") else "INFO",
-            **env,
         }
-        full_env.pop("KUBERNETES_SERVICE_HOST", None)
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [str(BIN / "tollgate-operator")],
-            env=full_env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def output(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        log_path = tmp / f"operator-{time.monotonic_ns()}.log"
+        super().__init__([str(BIN / "tollgate-operator")], {**defaults, **env}, log_path)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
-
-    def stop(self, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode

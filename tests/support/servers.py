@@ -11,11 +11,12 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 BIN = Path(sys.executable).parent
+T = TypeVar("T")
 # The keys every test gateway knows (GATEWAY_API_KEYS), as team-a and team-b.
 KEY_A = "sk-test-a"
 KEY_B = "sk-test-b"
@@ -27,15 +28,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll until `predicate()` is truthy; its value, or AssertionError at the deadline."""
+def wait_until(
+    predicate: Callable[[], T | None],
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "",
+) -> T:
+    """Poll until `predicate()` is truthy; its value, or AssertionError at the deadline
+    (saying what was awaited and the last value seen)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"not within {timeout} s: {what or predicate} (last: {value!r})")
         time.sleep(interval)
 
 
@@ -44,12 +51,12 @@ class Process:
 
     url: str
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str | None], log_path: Path) -> None:
+        """`env` is added to this process's environment; a None value removes a variable."""
         self.log_path = log_path
         self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            argv, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        full_env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+        self.proc = subprocess.Popen(argv, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")

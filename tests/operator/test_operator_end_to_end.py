@@ -16,11 +16,10 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import pytest
 from harness import Kube, Operator, wait_until
 from servers import Gateway, Sim  # tests/support (pytest's pythonpath)
 from test_operator_reconcile import CONFIG, NS, apikey, gateway
@@ -75,20 +74,13 @@ class SecretMirror:
         self.updates += 1
 
 
-@pytest.fixture
-def upstream(tmp_path: Path) -> Iterator[Sim]:
-    server = Sim(tmp_path)
-    yield server
-    server.stop()
-
-
 def status(gw: Gateway, key: str) -> int:
     headers = {"Authorization": f"Bearer {key}"}
     return httpx.get(gw.url + "/v1/models", headers=headers, timeout=5).status_code
 
 
 def test_generated_key_works_then_is_revoked_within_the_bound(
-    kube: Kube, operator: Operator, upstream: Sim, tmp_path: Path
+    kube: Kube, operator: Operator, make_sim: Callable[..., Sim], tmp_path: Path
 ) -> None:
     kube.apply(gateway())
     kube.apply(apikey("team-a"))
@@ -99,7 +91,7 @@ def test_generated_key_works_then_is_revoked_within_the_bound(
     with SecretMirror(kube, NS, CONFIG, volume) as mirror:
         gw = Gateway(
             tmp_path,
-            upstream.url,
+            make_sim().url,
             {"GATEWAY_API_KEYS": "", "GATEWAY_CONFIG_FILE": str(volume / "config.json")},
         )
         try:

@@ -9,11 +9,10 @@ within ~1 s; the watch delivers it at once).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import pytest
 from harness import Kube, Operator, wait_until
 from k8s_emulator import EmulatorThread
 from servers import Gateway, Sim
@@ -22,20 +21,17 @@ from test_operator_reconcile import CONFIG, NS, apikey, gateway
 REVOCATION_BOUND_S = 5.0
 
 
-@pytest.fixture
-def upstream(tmp_path: Path) -> Iterator[Sim]:
-    server = Sim(tmp_path)
-    yield server
-    server.stop()
-
-
 def _status(gw: Gateway, key: str) -> int:
     r = httpx.get(gw.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=5)
     return r.status_code
 
 
 def test_deleted_key_is_refused_within_seconds_on_every_replica(
-    cluster: EmulatorThread, kube: Kube, operator: Operator, upstream: Sim, tmp_path: Path
+    cluster: EmulatorThread,
+    kube: Kube,
+    operator: Operator,
+    make_sim: Callable[..., Sim],
+    tmp_path: Path,
 ) -> None:
     kube.apply(gateway())
     kube.apply(apikey("team-a"))
@@ -48,6 +44,7 @@ def test_deleted_key_is_refused_within_seconds_on_every_replica(
         "GATEWAY_KUBE_API_URL": cluster.url,
         "GATEWAY_KUBE_TOKEN_FILE": str(tmp_path / "no-token"),
     }
+    upstream = make_sim()
     replicas = [Gateway(tmp_path, upstream.url, env) for _ in range(2)]
     try:
         # The document was read through the API at start: the key works at once.

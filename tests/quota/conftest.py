@@ -6,13 +6,11 @@ schema is dropped."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Iterator
 
-import asyncpg
 import pytest
-from pg import TempPostgres, find_database
+from pg import PgSchema, TempPostgres, find_database
 from servers import free_port
 
 
@@ -29,36 +27,6 @@ def database_url() -> Iterator[str]:
     yield url
     if temp is not None:
         temp.remove()
-
-
-class PgSchema:
-    def __init__(self, url: str, name: str) -> None:
-        self.url = url
-        self.name = name
-
-    def env(self) -> dict[str, str]:
-        return {"DATABASE_URL": self.url, "QUOTA_DB_SCHEMA": self.name}
-
-    def query(self, sql: str, *args: object) -> list[asyncpg.Record]:
-        async def run() -> list[asyncpg.Record]:
-            conn = await asyncpg.connect(self.url, server_settings={"search_path": self.name})
-            try:
-                return await conn.fetch(sql, *args)
-            finally:
-                await conn.close()
-
-        return asyncio.run(run())
-
-    def tokens_today(self, key_name: str) -> int:
-        rows = self.query(
-            "SELECT prompt_tokens + completion_tokens AS t FROM tollgate_usage"
-            " WHERE key_name = $1 AND day = (now() AT TIME ZONE 'utc')::date",
-            key_name,
-        )
-        return rows[0]["t"] if rows else 0
-
-    def drop(self) -> None:
-        self.query(f'DROP SCHEMA IF EXISTS "{self.name}" CASCADE')
 
 
 @pytest.fixture

@@ -3,11 +3,10 @@ are refused while it is gone (fail-closed)."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 
-import asyncpg
 import httpx
+from pg import PgSchema
 from servers import KEY_A, wait_until
 
 BODY = {"messages": [{"role": "user", "content": "count me"}], "max_tokens": 9}
@@ -23,19 +22,7 @@ def _send(url: str, n: int, stream: bool = False) -> list[int]:
 
 
 def _tokens(url: str, key: str) -> int:
-    async def read() -> int:
-        conn = await asyncpg.connect(url)
-        try:
-            value = await conn.fetchval(
-                "SELECT coalesce(sum(prompt_tokens + completion_tokens), 0) FROM tollgate_usage"
-                " WHERE key_name = $1",
-                key,
-            )
-        finally:
-            await conn.close()
-        return int(value)
-
-    return asyncio.run(read())
+    return PgSchema(url, "public").tokens_today(key)
 
 
 def _store_events(gw) -> list[bool]:

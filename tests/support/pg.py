@@ -3,7 +3,8 @@
 `find_database()` follows the order the README promises: `DATABASE_URL` when set, else
 the server on 127.0.0.1:5432 when it answers, else a throwaway cluster made with the
 installed PostgreSQL binaries (initdb/pg_ctl in a temporary directory), else None.
-`TempPostgres` is also what the outage tests stop and start.
+`TempPostgres` is also what the outage tests stop and start; `PgSchema` reads the
+gateway's usage table in one schema.
 """
 
 from __future__ import annotations
@@ -102,3 +103,33 @@ def find_database(port_for_temp: int) -> tuple[str, TempPostgres | None] | None:
     temp = TempPostgres(port_for_temp)
     temp.start()
     return temp.url, temp
+
+
+class PgSchema:
+    def __init__(self, url: str, name: str) -> None:
+        self.url = url
+        self.name = name
+
+    def env(self) -> dict[str, str]:
+        return {"DATABASE_URL": self.url, "QUOTA_DB_SCHEMA": self.name}
+
+    def query(self, sql: str, *args: object) -> list[asyncpg.Record]:
+        async def run() -> list[asyncpg.Record]:
+            conn = await asyncpg.connect(self.url, server_settings={"search_path": self.name})
+            try:
+                return await conn.fetch(sql, *args)
+            finally:
+                await conn.close()
+
+        return asyncio.run(run())
+
+    def tokens_today(self, key_name: str) -> int:
+        rows = self.query(
+            "SELECT prompt_tokens + completion_tokens AS t FROM tollgate_usage"
+            " WHERE key_name = $1 AND day = (now() AT TIME ZONE 'utc')::date",
+            key_name,
+        )
+        return rows[0]["t"] if rows else 0
+
+    def drop(self) -> None:
+        self.query(f'DROP SCHEMA IF EXISTS "{self.name}" CASCADE')

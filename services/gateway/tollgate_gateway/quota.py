@@ -35,6 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from tollgate_gateway import errors
 from tollgate_gateway.errors import ErrorKind
@@ -311,21 +312,23 @@ class QuotaLedger:
         return counts
 
     def _day_counts(self, name: str, day: str) -> Counts:
-        window = (name, day)
-        total = Counts()
-        total.add(self._global_days.get(window, _EMPTY))
-        total.add(self._pending.days.get(window, _EMPTY))
-        if self._sending is not None:
-            total.add(self._sending.days.get(window, _EMPTY))
-        return total
+        return self._total((name, day), self._global_days, lambda batch: batch.days)
 
     def _minute_counts(self, name: str, minute: int) -> Counts:
-        window = (name, minute)
+        return self._total((name, minute), self._global_minutes, lambda batch: batch.minutes)
+
+    def _total(
+        self,
+        window: Any,
+        global_totals: dict[Any, Counts],
+        of: Callable[[Batch], dict[Any, Counts]],
+    ) -> Counts:
+        """Global total + this replica's unflushed deltas (pending and being sent)."""
         total = Counts()
-        total.add(self._global_minutes.get(window, _EMPTY))
-        total.add(self._pending.minutes.get(window, _EMPTY))
+        total.add(global_totals.get(window, _EMPTY))
+        total.add(of(self._pending).get(window, _EMPTY))
         if self._sending is not None:
-            total.add(self._sending.minutes.get(window, _EMPTY))
+            total.add(of(self._sending).get(window, _EMPTY))
         return total
 
 

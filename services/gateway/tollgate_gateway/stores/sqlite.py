@@ -102,12 +102,7 @@ class SqliteStore:
                     )
                 totals = Totals()
                 for window in {*batch.days, *read_days}:
-                    got = db.execute(
-                        "SELECT prompt_tokens, completion_tokens, requests FROM tollgate_usage"
-                        " WHERE key_name = ? AND day = ?",
-                        window,
-                    ).fetchone()
-                    totals.days[window] = Counts(*got) if got else Counts()
+                    totals.days[window] = _read_day(db, *window)
                 for window in {*batch.minutes, *read_minutes}:
                     got = db.execute(
                         "SELECT tokens, requests FROM tollgate_usage_minute"
@@ -127,17 +122,18 @@ class SqliteStore:
         return await self._run(apply)
 
     async def day_usage(self, key_name: str, day: str) -> Counts:
-        def read(db: sqlite3.Connection) -> Counts:
-            got = db.execute(
-                "SELECT prompt_tokens, completion_tokens, requests FROM tollgate_usage"
-                " WHERE key_name = ? AND day = ?",
-                (key_name, day),
-            ).fetchone()
-            return Counts(*got) if got else Counts()
-
-        return await self._run(read)
+        return await self._run(lambda db: _read_day(db, key_name, day))
 
     async def close(self) -> None:
         if self._db is not None:
             db, self._db = self._db, None
             await asyncio.to_thread(db.close)
+
+
+def _read_day(db: sqlite3.Connection, key_name: str, day: str) -> Counts:
+    got = db.execute(
+        "SELECT prompt_tokens, completion_tokens, requests FROM tollgate_usage"
+        " WHERE key_name = ? AND day = ?",
+        (key_name, day),
+    ).fetchone()
+    return Counts(*got) if got else Counts()

@@ -1,41 +1,58 @@
-"""`tollgate-sim`: run the vLLM-compatible upstream simulator."""
+"""`tollgate-sim`: run the vLLM-compatible upstream simulator.
+
+Every knob (see knobs.py) is also a flag, `--<knob-with-dashes>`. `--model` may be given
+more than once (the first names answers, the rest are aliases, as vLLM's
+--served-model-name), and so may `--lora NAME` (an adapter served as a model).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import signal
+from collections.abc import Callable
+from typing import Any
 
-from tollgate_sim.knobs import FAULTS, Knobs
+from tollgate_sim.knobs import BEST_OF_MODES, BODY_MODES, FAULTS, JSON_STYLES, Knobs, _bool
 from tollgate_sim.server import Simulator, describe
+
+_CHOICES = {
+    "fault": FAULTS,
+    "json_style": JSON_STYLES,
+    "body_mode": BODY_MODES,
+    "best_of": BEST_OF_MODES,
+}
+_TYPES: dict[str, Callable[[Any], Any]] = {"str": str, "int": int, "float": float, "bool": _bool}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Knobs]:
     parser = argparse.ArgumentParser(prog="tollgate-sim", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--model", action="append", help="a served model name (repeatable)")
+    parser.add_argument("--lora", action="append", default=[], help="a LoRA adapter (repeatable)")
     defaults = Knobs()
-    parser.add_argument("--model", default=defaults.model, help="the served model name")
-    parser.add_argument("--default-tokens", type=int, default=defaults.default_tokens)
-    parser.add_argument("--ttft-ms", type=float, default=defaults.ttft_ms)
-    parser.add_argument("--itl-ms", type=float, default=defaults.itl_ms)
-    parser.add_argument("--fault", choices=FAULTS, default=defaults.fault)
-    parser.add_argument("--fault-rate", type=float, default=defaults.fault_rate)
-    parser.add_argument("--error-status", type=int, default=defaults.error_status)
-    parser.add_argument("--cut-after", type=int, default=defaults.cut_after)
+    for field in dataclasses.fields(Knobs):
+        if field.name in ("model", "aliases", "loras"):
+            continue
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=_TYPES[str(field.type)],
+            choices=_CHOICES.get(field.name),
+            default=getattr(defaults, field.name),
+        )
     args = parser.parse_args(argv)
-    knobs = Knobs(
-        model=args.model,
-        default_tokens=args.default_tokens,
-        ttft_ms=args.ttft_ms,
-        itl_ms=args.itl_ms,
-        fault=args.fault,
-        fault_rate=args.fault_rate,
-        error_status=args.error_status,
-        cut_after=args.cut_after,
-    )
+    names = args.model or [defaults.model]
+    values = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(Knobs)
+        if f.name not in ("model", "aliases", "loras")
+    }
+    loras = [lora.split("=", 1)[0] for lora in args.lora]
+    knobs = Knobs(model=names[0], aliases=",".join(names[1:]), loras=",".join(loras), **values)
     try:
         knobs.validate()
     except ValueError as exc:

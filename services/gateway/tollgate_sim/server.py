@@ -2,55 +2,43 @@
 
 It is written on the bare protocol, not a framework, because benchmarks measure the
 gateway against it: the simulator must spend far less CPU per request than the gateway,
-or the figures would measure the simulator. With no delays a whole stream leaves in one
-`write`; with delays each token is its own chunked-encoding chunk, as uvicorn sends them.
+or the figures would measure the simulator. Requests on a connection are handled one at
+a time (no pipelining); the client closing the connection cancels its request's task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import random
 import socket
 import struct
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import httptools
 
-from tollgate_sim import wire
+from tollgate_sim import http, routes
+from tollgate_sim.errors import METHOD_NOT_ALLOWED, NOT_FOUND, ApiError, openai_error
+from tollgate_sim.exchange import Exchange
 from tollgate_sim.knobs import Knobs
+from tollgate_sim.state import State
 
-
-@dataclass
-class Stats:
-    """What the simulator saw, for tests and benchmarks (`GET /sim/stats`)."""
-
-    requests: int = 0
-    completed: int = 0
-    # Streams or responses the client abandoned before the simulator finished them.
-    cancelled: int = 0
-    faults: int = 0
-    # Usage the simulator reported in `usage` objects (what a gateway should account).
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    # Tokens actually written, also those of cut or cancelled streams.
-    tokens_sent: int = 0
-    active: int = 0
-    last_headers: dict[str, str] = field(default_factory=dict)
+_MAX_ROUTES = 256
 
 
 class Simulator:
-    """Shared state: the knobs, the stats and the listening server."""
+    """The process: its state and the listening server."""
 
     def __init__(self, knobs: Knobs, host: str, port: int) -> None:
-        self.knobs = knobs
-        self.stats = Stats()
+        self.state = State(knobs)
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
         self.connections: set[_Connection] = set()
         self._reopen: asyncio.TimerHandle | None = None
+
+    @property
+    def knobs(self) -> Knobs:
+        return self.state.knobs
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -76,7 +64,7 @@ class Simulator:
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection; requests on it are handled one at a time (no pipelining)."""
+    """One client connection, and the Wire its requests' handlers write to."""
 
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
@@ -87,24 +75,36 @@ class _Connection(asyncio.Protocol):
         self.body: list[bytes] = []
         self.task: asyncio.Task[None] | None = None
         self.closed = False
+        self._idle: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.sim.connections.add(self)
+        self.sim.state.stats.connections += 1
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
-            self._write_response(400, b'{"detail":"bad request"}', keep_alive=False)
+            if self.transport is not None and not self.closed:
+                body = b'{"detail":"bad request"}'
+                self.transport.write(http.response(400, body, False, http.JSON))
+                self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.sim.connections.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
 
     # httptools callbacks
     def on_message_begin(self) -> None:
@@ -125,160 +125,33 @@ class _Connection(asyncio.Protocol):
         method = self.parser.get_method()
         keep_alive = self.parser.should_keep_alive()
         body = b"".join(self.body)
-        path = self.url.split(b"?", 1)[0]
+        path, _, query = self.url.partition(b"?")
         self.task = asyncio.get_running_loop().create_task(
-            self._handle(method, path, body, keep_alive)
+            self._handle(method, path, query, body, keep_alive)
         )
 
-    # Requests
-    async def _handle(self, method: bytes, path: bytes, body: bytes, keep_alive: bool) -> None:
-        sim = self.sim
-        if path == b"/health":
-            self._write_response(200, b"", keep_alive, content_type=None)
-        elif path == b"/v1/models" and method == b"GET":
-            self._write_response(200, wire.models(sim.knobs.model), keep_alive)
-        elif path in (b"/v1/chat/completions", b"/v1/completions") and method == b"POST":
-            await self._completion(path == b"/v1/chat/completions", body, keep_alive)
-        elif path == b"/sim/stats":
-            stats = {k: v for k, v in vars(sim.stats).items()}
-            self._write_response(200, json.dumps(stats).encode(), keep_alive)
-        elif path == b"/sim/config" and method == b"POST":
-            self._configure(body, keep_alive)
-        elif path == b"/sim/reset" and method == b"POST":
-            sim.stats = Stats()
-            self._write_response(200, b"{}", keep_alive)
-        else:
-            self._write_response(404, b'{"detail":"Not Found"}', keep_alive)
+    # Wire
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
 
-    def _configure(self, body: bytes, keep_alive: bool) -> None:
-        try:
-            changes = json.loads(body or b"{}")
-            refuse_s = float(changes.pop("refuse_for_s", 0))
-            self.sim.knobs = self.sim.knobs.updated(changes)
-        except (ValueError, TypeError, AttributeError) as exc:
-            detail = json.dumps({"detail": str(exc)}).encode()
-            self._write_response(400, detail, keep_alive)
-            return
-        self._write_response(200, json.dumps(vars(self.sim.knobs)).encode(), keep_alive)
-        if refuse_s > 0:
-            self.sim.refuse_for(refuse_s)
-
-    async def _completion(self, chat: bool, body: bytes, keep_alive: bool) -> None:
-        sim = self.sim
-        stats = sim.stats
-        stats.requests += 1
-        stats.last_headers = {k.decode(): v.decode() for k, v in self.headers.items()}
-        try:
-            knobs = sim.knobs.with_headers(self.headers)
-            rid = self.headers.get(b"x-request-id")
-            request = wire.parse_request(body, chat, knobs, rid.decode() if rid else None)
-        except wire.BadRequest as exc:
-            self._write_response(exc.status, exc.body(), keep_alive)
-            return
-        except ValueError as exc:
-            self._write_response(400, wire.error(str(exc), 400), keep_alive)
-            return
-
-        fault = knobs.fault
-        if fault != "none" and (knobs.fault_rate >= 1.0 or random.random() < knobs.fault_rate):
-            stats.faults += 1
-            if fault == "error":
-                status = knobs.error_status
-                self._write_response(status, wire.error("simulated failure", status), keep_alive)
-                return
-            if fault == "reset":
-                self._abort()
-                return
-            if fault == "stall":
-                return  # never answer; the client gives up and closes
-        else:
-            fault = "none"
-
-        if knobs.ttft_ms:
-            await asyncio.sleep(knobs.ttft_ms / 1000)
-        if not request.stream:
-            if self.closed:
-                stats.cancelled += 1
-                return
-            stats.tokens_sent += request.max_tokens
-            self._count_usage(request)
-            self._write_response(200, wire.full_response(request), keep_alive)
-            stats.completed += 1
-            return
-        await self._stream(request, knobs, fault == "cut", keep_alive)
-
-    async def _stream(
-        self, request: wire.Request, knobs: Knobs, cut: bool, keep_alive: bool
-    ) -> None:
-        stats = self.sim.stats
-        assert self.transport is not None
-        write = self.transport.write
-        limit = min(knobs.cut_after, request.max_tokens) if cut else request.max_tokens
-        write(wire.stream_head(keep_alive))
-        stats.active += 1
-        try:
-            events = wire.stream_events(request)
-            if not knobs.itl_ms:
-                # Everything at once: one write, the cheapest possible upstream.
-                chunks = []
-                for kind, event in events:
-                    if kind == "token":
-                        if limit == 0:
-                            break
-                        limit -= 1
-                        stats.tokens_sent += 1
-                    chunks.append(wire.chunk(event))
-                write(b"".join(chunks))
-            else:
-                delay = knobs.itl_ms / 1000
-                first = True
-                for kind, event in events:
-                    if self.closed:
-                        stats.cancelled += 1
-                        return
-                    if kind == "token":
-                        if limit == 0:
-                            break
-                        limit -= 1
-                        stats.tokens_sent += 1
-                        if not first:
-                            await asyncio.sleep(delay)
-                        first = False
-                        if self.closed:
-                            stats.cancelled += 1
-                            return
-                    write(wire.chunk(event))
-            if cut and knobs.cut_after < request.max_tokens:
-                self._abort()
-                return
-            write(wire.LAST_CHUNK)
-            if request.include_usage:
-                self._count_usage(request)
-            stats.completed += 1
-            if not keep_alive:
-                self.transport.close()
-        finally:
-            stats.active -= 1
-
-    # Output helpers
-    def _count_usage(self, request: wire.Request) -> None:
-        self.sim.stats.prompt_tokens += request.prompt_tokens
-        self.sim.stats.completion_tokens += request.max_tokens
-
-    def _write_response(
-        self,
-        status: int,
-        body: bytes,
-        keep_alive: bool,
-        content_type: bytes | None = b"application/json",
-    ) -> None:
+    def finish(self, keep_alive: bool) -> None:
         if self.transport is None or self.closed:
             return
-        self.transport.write(wire.response(status, body, keep_alive, content_type))
         if not keep_alive:
             self.transport.close()
+            return
+        timeout = self.sim.knobs.keepalive_timeout_s
+        if timeout > 0:
+            self._idle = asyncio.get_running_loop().call_later(timeout, self._close_idle)
 
-    def _abort(self) -> None:
+    def _close_idle(self) -> None:
+        self._idle = None
+        if self.transport is not None and not self.closed:
+            self.sim.state.stats.idle_closed += 1
+            self.transport.close()
+
+    def abort(self) -> None:
         """Drop the connection with a TCP reset, the way a crashed server's peer sees it."""
         if self.transport is None:
             return
@@ -286,6 +159,85 @@ class _Connection(asyncio.Protocol):
         if sock is not None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
+
+    # Requests
+    async def _handle(
+        self, method: bytes, path: bytes, query: bytes, body: bytes, keep_alive: bool
+    ) -> None:
+        if path == b"/health":
+            self._reply(200, b"", keep_alive, None)
+            return
+        if path.startswith(b"/sim/"):
+            self._control(method, path, body, keep_alive)
+            return
+        state = self.sim.state
+        stats = state.stats
+        stats.body_bytes += len(body)
+        # Recorded raw; /sim/stats decodes them, so a request pays no more than this.
+        route = (method, path)
+        seen = stats.routes_raw
+        if route in seen or len(seen) < _MAX_ROUTES:
+            seen[route] = seen.get(route, 0) + 1
+        stats.recent.append((method, path, self.headers))
+        handler, params, exists = routes.find(method, path)
+        if handler is None:
+            status, reply = (405, METHOD_NOT_ALLOWED) if exists else (404, NOT_FOUND)
+            self._reply(status, reply, keep_alive)
+            return
+        if method == b"POST" or b"/v1/responses/" in path:
+            stats.last_raw = self.headers
+        if method == b"POST" and path not in _NOT_INFERENCE and b"/v1/responses/" not in path:
+            stats.requests += 1
+        try:
+            knobs = state.knobs.with_headers(self.headers)
+        except ValueError as exc:
+            self._reply(400, openai_error(str(exc), 400), keep_alive)
+            return
+        ex = Exchange(
+            state, self, method, path.decode("latin-1"), query.decode("latin-1"),
+            self.headers, body, keep_alive, knobs, params=params,
+        )  # fmt: skip
+        try:
+            await handler(ex)
+        except ApiError as exc:
+            ex.send_error(exc)
+
+    def _control(self, method: bytes, path: bytes, body: bytes, keep_alive: bool) -> None:
+        state = self.sim.state
+        if path == b"/sim/stats":
+            self._reply(200, json.dumps(state.stats.as_json(state.engine)).encode(), keep_alive)
+        elif path == b"/sim/config" and method == b"POST":
+            self._configure(body, keep_alive)
+        elif path == b"/sim/reset" and method == b"POST":
+            state.reset()
+            self._reply(200, b"{}", keep_alive)
+        else:
+            self._reply(404, NOT_FOUND, keep_alive)
+
+    def _configure(self, body: bytes, keep_alive: bool) -> None:
+        state = self.sim.state
+        try:
+            changes = json.loads(body or b"{}")
+            refuse_s = float(changes.pop("refuse_for_s", 0))
+            state.knobs = state.knobs.updated(changes)
+        except (ValueError, TypeError, AttributeError) as exc:
+            self._reply(400, json.dumps({"detail": str(exc)}).encode(), keep_alive)
+            return
+        self._reply(200, json.dumps(vars(state.knobs)).encode(), keep_alive)
+        if refuse_s > 0:
+            self.sim.refuse_for(refuse_s)
+
+    def _reply(
+        self, status: int, body: bytes, keep_alive: bool, content_type: bytes | None = http.JSON
+    ) -> None:
+        if self.transport is None or self.closed:
+            return
+        self.transport.write(http.response(status, body, keep_alive, content_type))
+        self.finish(keep_alive)
+
+
+# POSTs that compute nothing on the engine, so they are not `requests`.
+_NOT_INFERENCE = {b"/tokenize", b"/detokenize", b"/v1/messages/count_tokens"}
 
 
 def describe(sim: Simulator) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """From cluster state to the gateway configuration document, as a pure function.
 
-The document type is the gateway's own (`tollgate_gateway.gateway_config`): imported, never
+The document type is the gateway's own (`tollgate_contract.config`): imported, never
 redefined. This module decides which keys a gateway accepts and why the others are left
 out; the same decision feeds each ApiKey's Ready condition, so status and enforcement cannot
 disagree. Rules, all fail-closed:
@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tollgate_gateway.gateway_config import GatewayConfig, KeySpec, Policy
+from tollgate_contract.config import GatewayConfig, KeySpec, Policy
 
 from .keys import Material
 

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from tollgate_gateway.gateway_config import GatewayConfig, parse
+from tollgate_contract.config import GatewayConfig, parse
 
 from . import children
 from .client import GATEWAYS, SECRETS

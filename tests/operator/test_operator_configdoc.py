@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 
-from tollgate_gateway.gateway_config import parse
+from tollgate_contract.config import parse
 from tollgate_operator.configdoc import ApiKeyView, GatewayView, PolicyView, build
 from tollgate_operator.keys import Material, MaterialError, sha256
 

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from tollgate_gateway.gateway_config import GatewayConfig, Policy, parse
+from tollgate_contract.config import GatewayConfig, Policy, parse
 from tollgate_gateway.keys import ApiKey, KeyRing, config_keys
 
 log = logging.getLogger("tollgate.config")

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tollgate_gateway.gateway_config import GatewayConfig, Policy
+from tollgate_contract.config import GatewayConfig, Policy
 
 _NAMED = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,62}):(.+)$")
 

@@ -1,8 +1,8 @@
-"""The gateway configuration document: the contract between the operator and the gateway.
+"""The gateway configuration document.
 
-The operator writes it (into the config Secret the gateway mounts, `GATEWAY_CONFIG_FILE`);
-the gateway reads it, validates it, and swaps it in without a restart. It is defined here,
-once, and the operator imports it. JSON, versioned by `apiVersion`:
+The operator writes it into the config Secret (data key `CONFIG_SECRET_KEY`), which the
+gateway mounts (`GATEWAY_CONFIG_FILE`) and watches; the gateway validates it and swaps it in
+without a restart. JSON, versioned by `apiVersion`:
 
     {
       "apiVersion": "tollgate.dev/v1alpha1",
@@ -34,13 +34,15 @@ import hashlib
 import json
 import re
 from datetime import datetime
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
-API_VERSION = "tollgate.dev/v1alpha1"
-KIND = "GatewayConfig"
+API_VERSION: Final = "tollgate.dev/v1alpha1"
+# The data key of the config Secret that holds the document.
+CONFIG_SECRET_KEY: Final = "config.json"
+KIND: Final = "GatewayConfig"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 

@@ -41,7 +41,7 @@ def test_sigterm_drains_in_flight_streams(make_sim, make_gateway) -> None:
     assert httpx.get(gw.url + "/health").status_code == 200
     for t in threads:
         t.join(15)
-    assert gw.proc.wait(15) == 0
+    assert gw.wait_exit(15) == 0
     assert len(results) == 5
     assert all(r.endswith(b"data: [DONE]\n\n") and r.count(b"\n\n") == 12 for r in results)
     # After the drain nothing listens any more.

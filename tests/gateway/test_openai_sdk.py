@@ -136,8 +136,12 @@ def test_body_too_large_is_413(make_gateway, sim: Sim) -> None:
 
 def test_upstream_failures_map_to_sdk_errors(make_gateway, make_sim) -> None:
     sim = make_sim()
+    # No health poll during the test: the requests, not the poll, meet the stopped sim.
     gw = make_gateway(
-        sim.url, UPSTREAM_FIRST_BYTE_TIMEOUT_SECONDS="0.5", BREAKER_FAILURE_THRESHOLD="100"
+        sim.url,
+        UPSTREAM_FIRST_BYTE_TIMEOUT_SECONDS="0.5",
+        BREAKER_FAILURE_THRESHOLD="100",
+        UPSTREAM_HEALTH_INTERVAL_SECONDS="600",
     )
     client = openai.OpenAI(base_url=gw.url + "/v1", api_key=KEY_A, max_retries=0)
 

@@ -46,7 +46,7 @@ def test_one_line_per_request_and_no_secrets(make_sim, make_gateway) -> None:
     ]
     assert [r.status_code for r in sent] == [200, 200, 401, 400, 500, 504, 200, 503]
     gw.signal(signal.SIGTERM)
-    assert gw.proc.wait(15) == 0
+    assert gw.wait_exit(15) == 0
 
     lines = gw.lines()
     requests = [e for e in lines if e.get("event") == "request"]

@@ -44,7 +44,7 @@ def test_postgres_outage_loses_no_usage(temp_pg, make_sim, make_gateway) -> None
     wait_until(lambda: _store_events(gw) == [False, True], timeout=10)
     assert _send(gw.url, 5) == [200] * 5
     gw.signal(signal.SIGTERM)
-    assert gw.proc.wait(20) == 0
+    assert gw.wait_exit(20) == 0
 
     stats = sim.stats()
     assert stats["completed"] == 35
@@ -61,7 +61,7 @@ def test_usage_counted_during_an_outage_is_flushed_at_sigterm_when_the_db_is_bac
     temp_pg.start()
     # The next timed flush is seconds away: SIGTERM must flush what is buffered.
     gw.signal(signal.SIGTERM)
-    assert gw.proc.wait(20) == 0
+    assert gw.wait_exit(20) == 0
     stats = sim.stats()
     assert _tokens(temp_pg.url, "team-a") == stats["prompt_tokens"] + stats["completion_tokens"]
 
@@ -84,7 +84,7 @@ def test_fail_closed_refuses_while_the_store_is_down(temp_pg, make_sim, make_gat
     temp_pg.start()
     wait_until(lambda: _send(gw.url, 1) == [200], timeout=10)
     gw.signal(signal.SIGTERM)
-    assert gw.proc.wait(20) == 0
+    assert gw.wait_exit(20) == 0
     stats = sim.stats()
     assert stats["completed"] == 3
     assert _tokens(temp_pg.url, "team-a") == stats["prompt_tokens"] + stats["completion_tokens"]
@@ -102,6 +102,6 @@ def test_the_gateway_starts_and_serves_while_the_database_is_down(
     temp_pg.start()  # the schema is created when the database first answers
     wait_until(lambda: _store_events(gw) == [False, True], timeout=10)
     gw.signal(signal.SIGTERM)
-    assert gw.proc.wait(20) == 0
+    assert gw.wait_exit(20) == 0
     stats = sim.stats()
     assert _tokens(temp_pg.url, "team-a") == stats["prompt_tokens"] + stats["completion_tokens"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 
@@ -119,15 +120,27 @@ def test_client_disconnect_while_waiting_for_a_whole_answer(gateway: Gateway, si
     assert gateway.request_log("leaver-2")["client_disconnected"] is True
 
 
-def test_request_headers_forwarded_and_replaced(make_gateway, sim: Sim) -> None:
-    gw = make_gateway(sim.url, VLLM_API_KEY="internal-vllm-key")
+def test_only_allow_listed_headers_go_upstream(make_gateway, sim: Sim) -> None:
+    """Headers upstream come from an allow-list: the client's credentials (in any of the
+    headers clients use), cookies and claimed addresses never reach vLLM."""
+    gw = make_gateway(
+        sim.url, VLLM_API_KEY="internal-vllm-key", GATEWAY_FORWARD_HEADERS="x-sim-*,x-custom"
+    )
     headers = {
         **AUTH,
         "x-request-id": "rid-123",
         "x-custom": "kept",
+        "x-other": "dropped",
+        "x-api-key": KEY_A,
+        "api-key": KEY_A,
+        "cookie": "session=secret",
+        "x-forwarded-for": "198.51.100.7",
+        "x-real-ip": "198.51.100.7",
+        "forwarded": "for=198.51.100.7",
         "connection": "keep-alive, x-drop-me",
         "x-drop-me": "hop-by-hop",
         "te": "trailers",
+        "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
     }
     r = httpx.post(
         gw.url + "/v1/completions", json={"prompt": "p", "max_tokens": 1}, headers=headers
@@ -139,8 +152,23 @@ def test_request_headers_forwarded_and_replaced(make_gateway, sim: Sim) -> None:
     assert seen["authorization"] == "Bearer internal-vllm-key"
     assert seen["x-request-id"] == "rid-123"
     assert seen["x-custom"] == "kept"
-    assert "x-drop-me" not in seen and "te" not in seen
+    assert seen["traceparent"] == headers["traceparent"]
     assert seen["content-type"] == "application/json"
+    for name in ("x-other", "x-api-key", "api-key", "cookie", "x-forwarded-for", "x-real-ip",
+                 "forwarded", "x-drop-me", "te"):  # fmt: skip
+        assert name not in seen, name
+    assert KEY_A not in json.dumps(seen)
+
+
+def test_the_allow_list_cannot_name_credentials(make_gateway, sim: Sim) -> None:
+    gw = make_gateway(sim.url, GATEWAY_FORWARD_HEADERS="x-*,cookie,authorization")
+    headers = {**AUTH, "x-api-key": KEY_A, "cookie": "c=1", "x-fine": "yes"}
+    r = httpx.post(gw.url + "/v1/completions", json={"prompt": "p", "max_tokens": 1},
+                   headers=headers)  # fmt: skip
+    assert r.status_code == 200
+    seen = sim.stats()["last_headers"]
+    assert seen["x-fine"] == "yes"
+    assert "x-api-key" not in seen and "cookie" not in seen and "authorization" not in seen
 
 
 def test_invalid_request_id_is_replaced(gateway: Gateway) -> None:

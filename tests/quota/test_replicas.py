@@ -73,7 +73,7 @@ def test_three_replicas_enforce_one_daily_quota_and_lose_nothing(
     elapsed = time.monotonic() - started
     for gw in gateways:
         gw.signal(signal.SIGTERM)
-    assert all(gw.proc.wait(20) == 0 for gw in gateways)
+    assert all(gw.wait_exit(20) == 0 for gw in gateways)
 
     assert seen["other"] == 0, seen
     assert seen["insufficient_quota"] >= 12  # every worker ended on the quota
@@ -82,12 +82,57 @@ def test_three_replicas_enforce_one_daily_quota_and_lose_nothing(
     # Exactly what the upstream reported for the admitted requests, no more, no less.
     assert pg.tokens_today("shared-team") == reported
     assert stats["requests"] == seen["ok"]
-    # Over-admission stays within the documented bound: what the other replicas can admit
-    # in one flush interval at the observed rate, plus the requests in flight at the end
-    # (12 workers, each at most a prompt plus 60 tokens).
-    rate = reported / elapsed
-    bound = (len(gateways) - 1) * FLUSH * rate + 12 * (5 + 60)
-    assert LIMIT <= reported <= LIMIT + bound, (reported, bound)
+    # Near the limit every admission is confirmed against the store, so over-admission is
+    # only what the other replicas have in flight (12 workers, each at most a prompt plus
+    # 60 tokens); and the quota is used up to within one request's reservation.
+    in_flight = 12 * (5 + 60)
+    assert LIMIT - in_flight <= reported <= LIMIT + in_flight, (reported, elapsed)
+
+
+def test_requests_per_minute_hold_across_replicas(pg, make_sim, make_gateway, tmp_path) -> None:
+    """60 requests a minute on one key, three replicas, 15 s of traffic from 6 workers:
+    near the limit each admission is confirmed against the store, so the replicas admit
+    what one would (the sliding window can let a quarter of a minute's allowance more in
+    when the test spans a minute boundary), not three times as much."""
+    sim = make_sim()
+    secret = MountedSecret(tmp_path / "config")
+    secret.write(
+        document({KEY: {"name": "rpm-team", "policy": "rpm"}}, {"rpm": {"requestsPerMinute": 60}})
+    )
+    env = {
+        **pg.env(),
+        "GATEWAY_CONFIG_FILE": str(secret.path),
+        "GATEWAY_API_KEYS": "",
+        "QUOTA_FLUSH_INTERVAL_SECONDS": "1",
+    }
+    gateways = [make_gateway(sim.url, **env) for _ in range(3)]
+    seconds, workers = 15.0, 6
+    admitted = 0
+
+    async def traffic() -> None:
+        nonlocal admitted
+        stop_at = time.monotonic() + seconds
+        headers = {"authorization": f"Bearer {KEY}"}
+
+        async def worker(i: int, client: httpx.AsyncClient) -> None:
+            nonlocal admitted
+            n = i
+            while time.monotonic() < stop_at:
+                n += 1
+                url = gateways[n % 3].url + "/v1/completions"
+                r = await client.post(url, json={"prompt": "p", "max_tokens": 1}, headers=headers)
+                if r.status_code == 200:
+                    admitted += 1
+                else:
+                    assert r.status_code == 429, r.text
+                    await asyncio.sleep(0.05)
+
+        async with httpx.AsyncClient(timeout=10) as client:
+            await asyncio.gather(*(worker(i, client) for i in range(workers)))
+
+    asyncio.run(traffic())
+    assert 60 <= admitted <= 60 * (1 + seconds / 60) + workers, admitted
+    assert sim.stats()["requests"] == admitted
 
 
 def test_usage_endpoint_agrees_on_every_replica(pg, make_sim, make_gateway, tmp_path) -> None:

@@ -1,8 +1,8 @@
-"""The gateway as one ASGI application.
+"""The gateway as one ASGI application: the parts, wired together.
 
-The two completion routes go straight to the raw proxy; everything else (health,
-readiness, models, usage, FastAPI's lifespan) goes to FastAPI. `Gateway` also owns the
-shared parts the request path uses: keys, limits, upstream replicas, quota ledger.
+`Gateway` builds each part from the settings and hands every part what it needs, nothing
+more; no module imports this one. The two completion routes go straight to the raw proxy;
+everything else (health, readiness, models, usage, FastAPI's lifespan) goes to FastAPI.
 """
 
 from __future__ import annotations
@@ -10,22 +10,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from time import perf_counter
 from typing import TYPE_CHECKING
 
+from fastapi import FastAPI
+
 from tollgate_gateway import errors
-from tollgate_gateway.asgi import Receive, Scope, Send, send_error
+from tollgate_gateway.asgi import Receive, Scope, Send, send_refusal
 from tollgate_gateway.config_secret import SecretWatcher
 from tollgate_gateway.config_watch import ConfigWatcher, env_policy
-from tollgate_gateway.errors import GatewayError
-from tollgate_gateway.exchange import Exchange
-from tollgate_gateway.keys import ApiKey, KeyRing, env_keys
+from tollgate_gateway.errors import Refusal
+from tollgate_gateway.keys import CurrentKeys, KeyRing, env_keys
+from tollgate_gateway.lifecycle import Lifecycle
 from tollgate_gateway.logs import AccessLog
 from tollgate_gateway.metrics import GatewayMetrics
-from tollgate_gateway.proxy import PROXY_PATHS, Proxy
+from tollgate_gateway.metrics_server import MetricsServer
+from tollgate_gateway.proxy import NEVER_FORWARDED, PROXY_PATHS, Proxy, ProxySettings
 from tollgate_gateway.quota import QuotaLedger
 from tollgate_gateway.ratelimit import ClientAddress, Gcra
+from tollgate_gateway.record import RequestRecord
 from tollgate_gateway.routes import build_api
 from tollgate_gateway.settings import Settings
 from tollgate_gateway.stores import open_store
@@ -40,8 +45,8 @@ log = logging.getLogger("tollgate.gateway")
 class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.keys = KeyRing()
-        self.config_version = ""
+        self.lifecycle = Lifecycle()
+        self.keys = CurrentKeys()
         policy = env_policy(
             settings.gateway_default_requests_per_minute,
             settings.gateway_default_tokens_per_minute,
@@ -65,33 +70,52 @@ class Gateway:
             if settings.gateway_config_secret
             else None
         )
-        self.ip_limit = (
-            Gcra(settings.gateway_ip_rate_per_second, settings.gateway_ip_burst)
-            if settings.gateway_ip_rate_per_second > 0
-            else None
-        )
-        self.client_address = ClientAddress(settings.gateway_trusted_proxies)
         self.quota = QuotaLedger(
             open_store(settings.database_url, settings.quota_db_schema),
             settings.quota_flush_interval_seconds,
             settings.quota_fail_closed,
+            exact_margin=settings.quota_exact_margin,
         )
-        self.upstreams = UpstreamPool(settings, on_models=self._update_known_models)
-        self.inflight = 0
-        self._tasks: list[asyncio.Task[None]] = []
+        self.pool = UpstreamPool(settings, on_models=self._update_known_models)
+        self.metrics = GatewayMetrics(self.lifecycle, self.pool, self.quota, self.keys, self.config)
+        self.quota.on_flush = self.metrics.quota_flush.observe
         self.access_log = AccessLog()
-        self.draining = False
-        self.started_at = int(time.time())
         self.tracing: Tracing | None = None
         if settings.enable_otlp_tracing:
             from tollgate_gateway.tracing import Tracing
 
             self.tracing = Tracing(settings.otlp_endpoint)
-        self.proxy = Proxy(self)
-        self.api = build_api(self)
-        # Its collector reads the attributes above when it is registered.
-        self.metrics = GatewayMetrics(self)
-        self.quota.on_flush = self.metrics.quota_flush.observe
+        self.proxy = Proxy(
+            proxy_settings(settings, self.pool),
+            self.keys,
+            Gcra(settings.gateway_ip_rate_per_second, settings.gateway_ip_burst)
+            if settings.gateway_ip_rate_per_second > 0
+            else None,
+            ClientAddress(settings.gateway_trusted_proxies),
+            self.quota,
+            self.pool,
+            self.lifecycle,
+            self.tracing,
+            self.settle,
+        )
+        metrics_here = settings.gateway_metrics_port is None
+        self.api = build_api(
+            self._lifespan,
+            self.keys,
+            self.pool,
+            self.quota,
+            self.lifecycle,
+            settings.served_model_name,
+            self.metrics.render if metrics_here else None,
+        )
+        self.metrics_server = (
+            None
+            if metrics_here
+            else MetricsServer(
+                self.metrics.render, settings.gateway_host, settings.gateway_metrics_port or 0
+            )
+        )
+        self._tasks: list[asyncio.Task[None]] = []
         self.config.load()  # ConfigError stops the start
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -99,28 +123,48 @@ class Gateway:
             if scope["method"] == "POST":
                 await self.proxy.handle(scope, receive, send)
             else:
-                await send_error(
-                    send, errors.METHOD_NOT_ALLOWED, "Use POST.", headers=[(b"allow", b"POST")]
+                refusal = Refusal(
+                    errors.METHOD_NOT_ALLOWED, "Use POST.", headers=[(b"allow", b"POST")]
                 )
+                await send_refusal(send, refusal)
             return
         await self.api(scope, receive, send)
 
+    def settle(self, record: RequestRecord) -> None:
+        """Step 8 of every request, whatever happened to it: quota, trace, metrics, log."""
+        if record.admission is not None:
+            self.quota.settle(record.admission, record.usage)
+        latency = perf_counter() - record.started
+        if record.trace is not None:
+            record.trace.end(record)
+        self.metrics.observe(record, latency)
+        self.access_log.write(record, latency)
+
     def _use_keys(self, keys: KeyRing, version: str) -> None:
-        self.keys = keys
-        self.config_version = version
+        self.keys.use(keys, version)
         self._update_known_models()
 
     def _update_known_models(self) -> None:
         """Models that get their own metrics label: served, listed upstream, or allowed."""
-        known = self.upstreams.models()
+        known = self.pool.models()
         if self.settings.served_model_name:
             known.add(self.settings.served_model_name)
-        known.update(self.keys.models())
+        known.update(self.keys.ring.models())
         self.metrics.set_known_models(known)
 
+    @asynccontextmanager
+    async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        await self.startup()
+        try:
+            yield
+        finally:
+            await self.shutdown()
+
     async def startup(self) -> None:
-        await self.quota.start(self.keys.names())
-        await self.upstreams.start()
+        if self.metrics_server is not None:
+            await self.metrics_server.start()
+        await self.quota.start(self.keys.ring.names())
+        await self.pool.start()
         self._tasks.append(asyncio.create_task(self.config.watch(), name="config-watch"))
         if self.config_secret is not None:
             await self.config_secret.start()
@@ -131,13 +175,14 @@ class Gateway:
             "gateway started",
             extra={
                 "event": "startup",
-                "upstreams": [u.name for u in self.upstreams.upstreams],
+                "upstreams": [u.name for u in self.pool.upstreams],
                 "dns_name": self.settings.vllm_dns_name,
-                "keys": len(self.keys),
-                "config_version": self.config_version,
+                "keys": len(self.keys.ring),
+                "config_version": self.keys.version,
+                "metrics_port": self.settings.gateway_metrics_port,
                 "quota_store": self.settings.database_url.split(":", 1)[0],
                 "quota_store_up": self.quota.store_ok,
-                "upstreams_available": sum(u.available() for u in self.upstreams.upstreams),
+                "upstreams_available": sum(u.available() for u in self.pool.upstreams),
             },
         )
 
@@ -148,39 +193,28 @@ class Gateway:
                 await task
         if self.config_secret is not None:
             await self.config_secret.close()
-        await self.upstreams.close()
+        await self.pool.close()
         await self.quota.close()
         if self.tracing is not None:
             self.tracing.shutdown()
         self.access_log.flush()
+        if self.metrics_server is not None:
+            await self.metrics_server.close()
         log.info("gateway stopped", extra={"event": "shutdown"})
 
-    def authenticate(self, authorization: str | None) -> ApiKey:
-        key = self.keys.authenticate(authorization.encode() if authorization else None)
-        if key is None:
-            raise GatewayError(errors.INVALID_API_KEY, "Incorrect or missing API key.")
-        refusal = key.refusal(time.time())
-        if refusal is not None:
-            raise GatewayError(errors.INVALID_API_KEY, refusal)
-        return key
 
-    def readiness_problems(self) -> list[str]:
-        problems = []
-        if self.draining:
-            problems.append("draining")
-        problems.extend(self.upstreams.readiness_problems())
-        return problems
-
-    def start_drain(self) -> None:
-        self.draining = True
-        log.info("drain started", extra={"event": "drain"})
-
-    def finish(self, ex: Exchange) -> None:
-        """The one accounting hook: every request ends here, whatever happened to it."""
-        if ex.admission is not None:
-            self.quota.settle(ex.admission, ex.usage)
-        latency = perf_counter() - ex.started
-        if ex.trace is not None:
-            ex.trace.end(ex)
-        self.metrics.observe(ex, latency)
-        self.access_log.write(ex, latency)
+def proxy_settings(settings: Settings, pool: UpstreamPool) -> ProxySettings:
+    forward = settings.gateway_forward_headers
+    return ProxySettings(
+        max_body=settings.gateway_max_body_bytes,
+        max_in_flight=settings.gateway_max_in_flight,
+        default_reserve=settings.quota_default_reserve_tokens,
+        affinity_mode=settings.gateway_session_affinity,
+        affinity_header=settings.gateway_session_header.lower().encode("latin-1"),
+        forward_exact=frozenset(n.encode() for n in forward if not n.endswith("*"))
+        - NEVER_FORWARDED,
+        forward_prefixes=tuple(n[:-1].encode() for n in forward if n.endswith("*")),
+        upstream_authorization=pool.authorization,
+        timeout_whole=pool.timeout_full,
+        timeout_stream=pool.timeout_stream,
+    )

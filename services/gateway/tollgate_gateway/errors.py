@@ -1,13 +1,17 @@
-"""Every error the gateway answers, in the OpenAI shape the SDKs parse.
+"""Every error the gateway answers, in the OpenAI shape the SDKs parse, and the one way
+to refuse a request.
 
 `{"error": {"message", "type", "param", "code"}}`: the SDKs map the HTTP status to an
 exception class (401 AuthenticationError, 429 RateLimitError, ...) and read `code` for
-the detail, so each failure here has one fixed status, type and code.
+the detail, so each failure here has one fixed status, type and code. Anything on the
+request path that refuses a request raises `Refusal`; `response_parts` renders it, for the
+raw proxy and the FastAPI routes alike.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 
@@ -20,6 +24,7 @@ class ErrorKind:
 
 INVALID_JSON = ErrorKind(400, "invalid_request_error", "invalid_json")
 INVALID_REQUEST = ErrorKind(400, "invalid_request_error", "invalid_request")
+INVALID_ENCODING = ErrorKind(400, "invalid_request_error", "invalid_encoding")
 INVALID_API_KEY = ErrorKind(401, "invalid_request_error", "invalid_api_key")
 MODEL_NOT_ALLOWED = ErrorKind(403, "permission_error", "model_not_allowed")
 NOT_FOUND = ErrorKind(404, "invalid_request_error", "not_found")
@@ -32,6 +37,8 @@ UPSTREAM_UNREACHABLE = ErrorKind(502, "upstream_error", "upstream_unreachable")
 UPSTREAM_ERROR = ErrorKind(502, "upstream_error", "upstream_error")
 UPSTREAM_STREAM_BROKEN = ErrorKind(502, "upstream_error", "upstream_stream_broken")
 UNAVAILABLE = ErrorKind(503, "service_unavailable", "upstream_circuit_open")
+SHUTTING_DOWN = ErrorKind(503, "service_unavailable", "gateway_shutting_down")
+OVERLOADED = ErrorKind(503, "service_unavailable", "gateway_overloaded")
 NOT_READY = ErrorKind(503, "service_unavailable", "not_ready")
 NO_UPSTREAM = ErrorKind(503, "service_unavailable", "no_healthy_upstream")
 QUOTA_STORE_UNAVAILABLE = ErrorKind(503, "service_unavailable", "quota_store_unavailable")
@@ -53,11 +60,45 @@ def is_openai_error(body: bytes) -> bool:
     return isinstance(error, dict) and isinstance(error.get("message"), str)
 
 
-class GatewayError(Exception):
-    """Raised inside the FastAPI routes; rendered by one exception handler."""
+class Refusal(Exception):
+    """A request answered with an error before any response byte was sent.
 
-    def __init__(self, kind: ErrorKind, message: str, headers: dict[str, str] | None = None):
+    `reason` is set when the gateway refused it itself (the rejection metric's label);
+    `upstream_error` when the upstream failed (the upstream error metric's kind).
+    """
+
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        retry_after: float | None = None,
+        *,
+        reason: str | None = None,
+        upstream_error: str | None = None,
+        param: str | None = None,
+        headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
-        self.headers = headers or {}
+        self.reason = reason
+        self.upstream_error = upstream_error
+        self.param = param
+        self.headers = list(headers or [])
+        if retry_after is not None:
+            self.headers.append((b"retry-after", b"%d" % max(1, math.ceil(retry_after))))
+
+
+def response_parts(
+    refusal: Refusal, request_id: str = ""
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """Status, headers and body of a refusal: the one renderer of every gateway error."""
+    body = error_body(refusal.kind, refusal.message, refusal.param)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+    ]
+    if request_id:
+        headers.append((b"x-request-id", request_id.encode()))
+    headers.extend(refusal.headers)
+    return refusal.kind.status, headers, body

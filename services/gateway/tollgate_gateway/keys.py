@@ -8,24 +8,20 @@ reload builds a new one and swaps it in, so in-flight requests keep the key they
 
 from __future__ import annotations
 
-import hashlib
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tollgate_contract.config import GatewayConfig, Policy
+from tollgate_contract.keys import fingerprint, key_hash
+from tollgate_gateway import errors
+from tollgate_gateway.errors import Refusal
 
 _NAMED = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,62}):(.+)$")
-
-
-def key_hash(key: str | bytes) -> str:
-    raw = key.encode() if isinstance(key, str) else key
-    return hashlib.sha256(raw).hexdigest()
-
-
-def fingerprint(digest: str) -> str:
-    """A short, safe-to-show identifier of a key: a prefix of its hash."""
-    return digest[:12]
+# Where clients put their key: OpenAI SDKs `Authorization: Bearer`, Anthropic SDKs
+# `x-api-key`, Azure-style clients `api-key`. None of these is ever sent upstream.
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +34,9 @@ class ApiKey:
     disabled: bool = False
     # Unix time after which the key stops working; None: never.
     expires_at: float | None = None
+
+    def may_use(self, model: str | None) -> bool:
+        return self.models is None or model in self.models
 
     def refusal(self, now: float) -> str | None:
         """Why this (known) key may not be used now, if it may not."""
@@ -76,6 +75,36 @@ def config_keys(config: GatewayConfig) -> list[ApiKey]:
     return keys
 
 
+def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The key a request presents, from whichever credential header carries it.
+
+    Two different credentials (two `Authorization` headers, or a bearer token and an
+    `x-api-key` that disagree) are refused: which one counts would otherwise depend on
+    the route, and a client must not be able to choose.
+    """
+    found: bytes | None = None
+    for name, value in headers:
+        if name not in CREDENTIAL_HEADERS:
+            continue
+        if name == b"authorization":
+            if value[:7].lower() != b"bearer ":
+                raise Refusal(
+                    errors.INVALID_API_KEY,
+                    "Send the API key as 'Authorization: Bearer <key>'.",
+                    reason="auth",
+                )
+            value = value[7:]
+        value = value.strip()
+        if found is not None and value != found:
+            raise Refusal(
+                errors.INVALID_REQUEST,
+                "The request carries more than one API key; send exactly one.",
+                reason="auth",
+            )
+        found = value
+    return found or None
+
+
 class KeyRing:
     def __init__(self, keys: Iterable[ApiKey] = ()) -> None:
         # Later entries win: configuration-file keys are passed after environment keys.
@@ -91,11 +120,32 @@ class KeyRing:
         """Every model some key's allow-list names."""
         return {m for key in self._by_hash.values() if key.models for m in key.models}
 
-    def authenticate(self, authorization: bytes | None) -> ApiKey | None:
-        """The key behind an `Authorization: Bearer <key>` header value, if known."""
-        if not authorization or authorization[:7].lower() != b"bearer ":
-            return None
-        presented = authorization[7:].strip()
-        if not presented:
-            return None
-        return self._by_hash.get(hashlib.sha256(presented).hexdigest())
+    def authenticate(self, headers: Iterable[tuple[bytes, bytes]]) -> ApiKey:
+        """The known, usable key a request presents; else a 401 `Refusal`. The one
+        authentication of every route."""
+        presented = presented_key(headers)
+        if presented is None:
+            raise Refusal(
+                errors.INVALID_API_KEY,
+                "Missing API key: send it as 'Authorization: Bearer <key>'.",
+                reason="auth",
+            )
+        key = self._by_hash.get(key_hash(presented))
+        if key is None:
+            raise Refusal(errors.INVALID_API_KEY, "Incorrect API key provided.", reason="auth")
+        why = key.refusal(time.time())
+        if why is not None:
+            raise Refusal(errors.INVALID_API_KEY, why, reason="auth")
+        return key
+
+
+class CurrentKeys:
+    """The key ring in use and the configuration version it came from. The config
+    watcher swaps both in one call; readers take `ring` once per request."""
+
+    def __init__(self) -> None:
+        self.ring = KeyRing()
+        self.version = ""
+
+    def use(self, ring: KeyRing, version: str) -> None:
+        self.ring, self.version = ring, version

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from tollgate_gateway.exchange import Exchange
+from tollgate_gateway.record import Phase, RequestRecord
 
 # Attributes every LogRecord has; anything else on a record came from `extra`.
 # (uvicorn adds `color_message`, for terminals.)
@@ -75,7 +75,7 @@ class AccessLog:
         self._second = 0
         self._second_text = ""
 
-    def write(self, ex: Exchange, latency_seconds: float) -> None:
+    def write(self, ex: RequestRecord, latency_seconds: float) -> None:
         if not self.enabled:
             return
         usage = ex.usage
@@ -96,11 +96,11 @@ class AccessLog:
             "error": ex.error,
             "prompt_tokens": usage.prompt_tokens if usage else 0,
             "completion_tokens": usage.completion_tokens if usage else 0,
-            "usage_exact": usage.exact if usage else None,
+            "usage_exact": ex.usage_exact if usage else None,
             "latency_ms": round(latency_seconds * 1000, 3),
             "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
             "overhead_ms": round((latency_seconds - ex.upstream_seconds) * 1000, 3),
-            "client_disconnected": ex.client_gone,
+            "client_disconnected": ex.phase is Phase.ABANDONED,
         }
         self._lines.append(json.dumps(entry, separators=(",", ":")))
         if len(self._lines) >= self.max_lines:

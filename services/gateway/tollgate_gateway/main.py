@@ -1,14 +1,21 @@
 """`tollgate-gateway`: load the settings, run the gateway under uvicorn, drain on SIGTERM.
 
 uvicorn already stops accepting and waits for in-flight requests on SIGTERM; what it
-lacks is the readiness step before that (so a load balancer stops sending first) and a
-clean exit status: it re-raises the signal after shutting down, which makes Kubernetes
-see a crash. `DrainingServer` adds both.
+lacks is the readiness step before that (so a load balancer stops sending first), a clean
+exit status (it re-raises the signal after shutting down, which makes Kubernetes see a
+crash), and a drain deadline that loses nothing: at its deadline, or on a second signal,
+uvicorn cancels the requests still running and (on a second signal) skips the
+application's shutdown, so their usage, and everything not yet flushed, would be lost.
+`DrainingServer` replaces that part: requests still running at the deadline are cut (each
+stream ends with an error event), each settles its usage, and then the application's
+shutdown flushes it all to the quota store.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import sys
 import time
 from types import FrameType
@@ -17,6 +24,7 @@ import uvicorn
 
 from tollgate_gateway.app import Gateway
 from tollgate_gateway.config_watch import ConfigError
+from tollgate_gateway.connections import guarded_protocol
 from tollgate_gateway.logs import configure_logging
 from tollgate_gateway.settings import SettingsError, load_settings
 
@@ -24,21 +32,51 @@ log = logging.getLogger("tollgate.gateway")
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, gateway: Gateway, delay: float) -> None:
+    # How long requests cut at the deadline get to settle (they only write a last event).
+    SETTLE_SECONDS = 5.0
+
+    def __init__(
+        self, config: uvicorn.Config, gateway: Gateway, delay: float, drain: float
+    ) -> None:
         super().__init__(config)
         self.gateway = gateway
         self.delay = delay
+        self.drain = drain
         self._drain_since: float | None = None
+        self._hurry = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._drain_since is not None:
-            # A second signal: stop waiting for in-flight requests.
-            self.should_exit = self.force_exit = True
+            # A second signal: stop waiting for in-flight requests (they are still settled).
+            self._hurry = self.should_exit = True
             return
         self._drain_since = time.monotonic()
-        self.gateway.start_drain()
+        self.gateway.lifecycle.start_drain()
         if self.delay <= 0:
             self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        await asyncio.sleep(0.1)
+        deadline = time.monotonic() + self.drain
+        # uvicorn keeps its tasks in a plain set: polled, as uvicorn itself does.
+        while self.server_state.tasks and not self._hurry and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        running = list(self.server_state.tasks)
+        if running:
+            log.warning(
+                "drain deadline: cutting the requests still running",
+                extra={"event": "drain_cut", "requests": len(running), "hurried": self._hurry},
+            )
+            for task in running:
+                task.cancel()
+            await asyncio.wait(running, timeout=self.SETTLE_SECONDS)
+        await self.lifespan.shutdown()
 
     async def on_tick(self, counter: int) -> bool:
         if self._drain_since is not None and time.monotonic() - self._drain_since >= self.delay:
@@ -63,17 +101,23 @@ def main() -> None:
         host=settings.gateway_host,
         port=settings.gateway_port,
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(
+            settings.gateway_header_timeout_seconds,
+            settings.gateway_body_timeout_seconds,
+            settings.gateway_max_connections,
+        ),
+        timeout_keep_alive=settings.gateway_idle_timeout_seconds,  # type: ignore[arg-type]
         lifespan="on",
         access_log=False,
         log_config=None,
         server_header=False,
         # The gateway decides itself whether to believe X-Forwarded-For (ratelimit.py).
         proxy_headers=False,
-        timeout_graceful_shutdown=int(settings.gateway_drain_seconds),
         backlog=2048,
     )
-    server = DrainingServer(config, gateway, settings.gateway_shutdown_delay_seconds)
+    server = DrainingServer(
+        config, gateway, settings.gateway_shutdown_delay_seconds, settings.gateway_drain_seconds
+    )
     server.run()
     if not server.started:
         sys.exit(3)

@@ -41,12 +41,16 @@ from prometheus_client.registry import Collector
 from tollgate_gateway import __version__
 
 if TYPE_CHECKING:
-    from tollgate_gateway.app import Gateway
-    from tollgate_gateway.exchange import Exchange
+    from tollgate_gateway.config_watch import ConfigWatcher
+    from tollgate_gateway.keys import CurrentKeys
+    from tollgate_gateway.lifecycle import Lifecycle
+    from tollgate_gateway.quota import QuotaLedger
+    from tollgate_gateway.record import RequestRecord
+    from tollgate_gateway.upstream import UpstreamPool
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # `*_created` series double the exposition and no dashboard or alert uses them.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 OTHER_MODEL = "other"
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -68,11 +72,19 @@ REJECTION_REASONS = (
     "quota_store",
     "unknown_model",
     "no_upstream",
+    "overload",
 )
 
 
 class GatewayMetrics:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        pool: UpstreamPool,
+        quota: QuotaLedger,
+        keys: CurrentKeys,
+        config: ConfigWatcher,
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
         self.requests = Counter(
@@ -145,7 +157,7 @@ class GatewayMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=reg,
         )
-        reg.register(_StateCollector(gateway))
+        reg.register(_StateCollector(lifecycle, pool, quota, keys, config))
         ProcessCollector(registry=reg)
         self._known_models: frozenset[str] = frozenset()
         self._children: dict[tuple[Any, ...], Callable[..., None]] = {}
@@ -158,7 +170,7 @@ class GatewayMetrics:
             return "default"
         return model if model in self._known_models else OTHER_MODEL
 
-    def observe(self, ex: Exchange, latency: float) -> None:
+    def observe(self, ex: RequestRecord, latency: float) -> None:
         """Everything one request contributes; called once, when it ends."""
         model = self.model_label(ex.model)
         key = ex.key_name or "none"
@@ -204,18 +216,30 @@ class GatewayMetrics:
 class _StateCollector(Collector):
     """Gauges read from the gateway's own state at scrape time."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(
+        self,
+        lifecycle: Lifecycle,
+        pool: UpstreamPool,
+        quota: QuotaLedger,
+        keys: CurrentKeys,
+        config: ConfigWatcher,
+    ) -> None:
+        self.lifecycle = lifecycle
+        self.pool = pool
+        self.quota = quota
+        self.keys = keys
+        self.config = config
 
     def collect(self) -> Iterable[Any]:
-        gw = self.gateway
         info = InfoMetricFamily("tollgate_build", "Version of the running gateway.")
         info.add_metric([], {"version": __version__, "python": platform.python_version()})
         yield info
         yield GaugeMetricFamily(
-            "tollgate_requests_in_flight", "Requests being proxied now.", value=gw.inflight
+            "tollgate_requests_in_flight",
+            "Requests being proxied now.",
+            value=self.lifecycle.inflight,
         )
-        upstreams = gw.upstreams.upstreams
+        upstreams = self.pool.upstreams
         up = GaugeMetricFamily(
             "tollgate_upstream_up",
             "1 when the replica's /health answered 200 at the last poll.",
@@ -252,26 +276,28 @@ class _StateCollector(Collector):
         yield CounterMetricFamily(
             "tollgate_upstream_retries",
             "Requests sent again to another replica after failing before any response byte.",
-            value=gw.upstreams.retries,
+            value=self.pool.retries,
         )
         dns = CounterMetricFamily(
             "tollgate_upstream_dns_refreshes",
             "Lookups of VLLM_DNS_NAME, by result.",
             labels=["result"],
         )
-        for result, count in gw.upstreams.dns_refreshes.items():
+        for result, count in self.pool.dns_refreshes.items():
             dns.add_metric([result], count)
         yield dns
         yield GaugeMetricFamily(
-            "tollgate_draining", "1 after SIGTERM, while draining.", value=int(gw.draining)
+            "tollgate_draining",
+            "1 after SIGTERM, while draining.",
+            value=int(self.lifecycle.draining),
         )
         config = InfoMetricFamily(
             "tollgate_config", "The configuration document in use (its content hash)."
         )
-        config.add_metric([], {"version": gw.config_version})
+        config.add_metric([], {"version": self.keys.version})
         yield config
         yield GaugeMetricFamily(
-            "tollgate_config_keys", "Keys in the configuration in use.", value=len(gw.keys)
+            "tollgate_config_keys", "Keys in the configuration in use.", value=len(self.keys.ring)
         )
         reloads = CounterMetricFamily(
             "tollgate_config_reloads",
@@ -279,16 +305,16 @@ class _StateCollector(Collector):
             " good document).",
             labels=["result"],
         )
-        reloads.add_metric(["ok"], gw.config.reloads_ok)
-        reloads.add_metric(["failed"], gw.config.reloads_failed)
+        reloads.add_metric(["ok"], self.config.reloads_ok)
+        reloads.add_metric(["failed"], self.config.reloads_failed)
         yield reloads
         yield GaugeMetricFamily(
             "tollgate_config_last_reload_ok",
             "1 when the last configuration document seen was valid; 0 while a rejected one"
             " is pending (the last good one is in use).",
-            value=int(gw.config.last_ok),
+            value=int(self.config.last_ok),
         )
-        quota = gw.quota
+        quota = self.quota
         yield GaugeMetricFamily(
             "tollgate_quota_store_up",
             "1 when the last flush to the quota store succeeded.",

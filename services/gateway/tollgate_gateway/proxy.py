@@ -2,19 +2,21 @@
 
 This is raw ASGI on purpose: it runs for every request and every streamed chunk, so it
 avoids the framework's routing, request objects and middleware (FastAPI serves the other
-endpoints). Read `_handle` top to bottom: it is the gateway's whole job.
+endpoints). `Proxy.handle` reads top to bottom as the gateway's whole job:
 
 1. ingress: request id, body size (413), client IP and its rate limit (429)
-2. the key (401), the body as JSON (400), the key's model list (403)
-3. the key's quota and limits (429), reserving the tokens the request may use
-4. `stream_options.include_usage` turned on for streams, so usage can be counted
-5. a replica serving the model, healthy, its circuit breaker not open (else 404 for a
+2. authenticate: the key (401), from the one credential the request carries
+3. parse: the body as a UTF-8 JSON object (400), the key's model list (403)
+4. admit: the key's quota and limits (429), reserving every token the request may use
+   (`max_tokens` for each of its `n` / `best_of` sequences)
+5. route: a replica serving the model, healthy, its breaker not open (else 404 for a
    model nobody serves, 503 without touching any upstream)
-6. upstream call: the body as bytes, the client's headers less hop-by-hop ones, the
-   client's key replaced by `VLLM_API_KEY`; retried once on another replica if it failed
-   before any response byte
-7. response: JSON whole, or SSE chunk by chunk as it arrives
-8. usage settled and one log line, always, also when the client leaves or the stream breaks
+6. forward: the body as bytes (with `stream_options.include_usage` turned on for streams),
+   only allow-listed headers, the client's key replaced by `VLLM_API_KEY`; retried once
+   on another replica if it failed before any response byte
+7. respond: JSON whole, or SSE chunk by chunk as it arrives
+8. settle: usage, quota, metrics, trace and one log line, always, also when the client
+   leaves, the stream breaks or the drain deadline cuts it
 """
 
 from __future__ import annotations
@@ -22,404 +24,462 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import re
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from tollgate_gateway import errors
-from tollgate_gateway.asgi import Receive, Scope, Send, send_error
-from tollgate_gateway.errors import ErrorKind
-from tollgate_gateway.exchange import Exchange
-from tollgate_gateway.quota import Refusal
+from tollgate_gateway.asgi import Receive, Scope, Send, request_id_for, send_refusal
+from tollgate_gateway.errors import ErrorKind, Refusal
+from tollgate_gateway.keys import CREDENTIAL_HEADERS, ApiKey, CurrentKeys
+from tollgate_gateway.lifecycle import Lifecycle
+from tollgate_gateway.quota import QuotaLedger
+from tollgate_gateway.ratelimit import ClientAddress, Gcra
+from tollgate_gateway.record import Phase, RequestRecord
 from tollgate_gateway.sse import StreamTap
-from tollgate_gateway.upstream import Upstream, UpstreamPool
-from tollgate_gateway.usage import Usage, estimate_prompt_tokens, usage_from_body
+from tollgate_gateway.upstream import Attempt, Outcome, Upstream, UpstreamFailure, UpstreamPool
+from tollgate_gateway.usage import estimate_prompt_tokens, usage_from_body
 
-if TYPE_CHECKING:
-    from tollgate_gateway.app import Gateway
+if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is on
+    from tollgate_gateway.tracing import Tracing
 
 log = logging.getLogger("tollgate.proxy")
 
 PROXY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+CHAT = "/v1/chat/completions"
 
-# Never forwarded upstream: hop-by-hop headers (RFC 9110 7.6.1), the ones the gateway sets
-# itself, and accept-encoding (usage is read from the response bytes, so no compression).
-_NOT_FORWARDED = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authorization",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"host",
-        b"content-length",
-        b"content-type",
-        b"authorization",
-        b"accept-encoding",
-        b"expect",
-        b"x-request-id",
-    }
-)
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+# Sent upstream whatever the configuration: what vLLM uses (the request id becomes its
+# completion id; trace context joins its spans). Everything else needs the allow-list.
+_ALWAYS_FORWARDED = frozenset({b"x-request-id", b"traceparent", b"tracestate"})
+# Never sent upstream, whatever the allow-list says: the client's credentials and cookies,
+# hop-by-hop headers, and those the gateway sets itself.
+NEVER_FORWARDED = CREDENTIAL_HEADERS | {
+    b"cookie", b"host", b"content-length", b"content-type", b"transfer-encoding",
+    b"connection", b"keep-alive", b"te", b"trailer", b"upgrade", b"proxy-authorization",
+    b"proxy-connection", b"expect", b"accept-encoding", b"forwarded", b"x-forwarded-for",
+    b"x-real-ip",
+}  # fmt: skip
 _STREAM_USAGE = b',"stream_options":{"include_usage":true}}'
-_UPSTREAM_ERRORS = (aiohttp.ClientError, TimeoutError)
-# Failures where the replica cannot have started on the request: safe to send elsewhere.
-_RETRYABLE = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError)
+# vLLM's own cap on `n` (and `best_of`): anything above is refused before admission.
+MAX_CHOICES = 128
 
 
-class Reject(Exception):
-    """A request answered with an error before any response byte was sent: refused by the
-    gateway itself (`reason`, for metrics), or failed at the upstream (`upstream`)."""
+@dataclass(slots=True)
+class ProxySettings:
+    """What the request path needs of the settings, resolved once at start."""
 
-    def __init__(
-        self,
-        kind: ErrorKind,
-        message: str,
-        retry_after: float | None = None,
-        *,
-        reason: str | None = None,
-        upstream: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
-        self.reason = reason
-        self.upstream = upstream
-        self.headers: list[tuple[bytes, bytes]] = []
-        if retry_after is not None:
-            self.headers.append((b"retry-after", b"%d" % max(1, round(retry_after))))
+    max_body: int
+    max_in_flight: int
+    default_reserve: int
+    affinity_mode: str
+    affinity_header: bytes
+    forward_exact: frozenset[bytes]
+    forward_prefixes: tuple[bytes, ...]
+    upstream_authorization: str | None
+    timeout_whole: aiohttp.ClientTimeout
+    timeout_stream: aiohttp.ClientTimeout
+
+
+@dataclass(slots=True)
+class Ingress:
+    """What one pass over the request headers found."""
+
+    forward: dict[str, str]
+    session: str | None
 
 
 class Proxy:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
-        self.max_body = gateway.settings.gateway_max_body_bytes
-        self.default_reserve = gateway.settings.quota_default_reserve_tokens
-        self.affinity_mode = gateway.settings.gateway_session_affinity
-        self.affinity_header = gateway.settings.gateway_session_header.lower()
+    def __init__(
+        self,
+        settings: ProxySettings,
+        keys: CurrentKeys,
+        ip_limit: Gcra | None,
+        client_address: ClientAddress,
+        quota: QuotaLedger,
+        pool: UpstreamPool,
+        lifecycle: Lifecycle,
+        tracer: Tracing | None,
+        settle: Callable[[RequestRecord], None],
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.ip_limit = ip_limit
+        self.client_address = client_address
+        self.quota = quota
+        self.pool = pool
+        self.lifecycle = lifecycle
+        self.tracer = tracer
+        self._settle = settle
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ex = Exchange(route=scope["path"], started=perf_counter())
-        if self.gateway.tracing is not None:
-            ex.trace = self.gateway.tracing.begin(ex.route, scope["headers"])
-        self.gateway.inflight += 1
+        record = RequestRecord(route=scope["path"], started=perf_counter())
+        if self.tracer is not None:
+            record.trace = self.tracer.begin(record.route, scope["headers"])
+        self.lifecycle.inflight += 1
         try:
-            await self._handle(ex, scope, receive, send)
-        except Reject as reject:
-            ex.status, ex.error = reject.kind.status, reject.kind.code
-            ex.rejection = reject.reason
-            ex.upstream_error = reject.upstream or ex.upstream_error
-            await send_error(send, reject.kind, reject.message, ex.request_id, reject.headers)
+            if self.lifecycle.inflight > self.settings.max_in_flight:
+                raise Refusal(
+                    errors.OVERLOADED,
+                    "The gateway is at its limit of requests in flight; retry shortly.",
+                    1,
+                    reason="overload",
+                )
+            ingress = self.ingress(record, scope)
+            key = self.keys.ring.authenticate(scope["headers"])
+            record.key_name = key.name
+            if record.trace is not None:
+                record.trace.mark("auth")
+            body = await self._read_body(receive)
+            if body is None:
+                record.phase = Phase.ABANDONED
+                return
+            data = self.parse(record, key, body)
+            choices = self.admit(record, key, data, body)
+            if record.admission is not None and record.admission.confirm:
+                await self.quota.confirm(key, record.admission)
+            body, client_wants_usage = _with_stream_usage(record, data, body)
+            affinity = self._affinity(ingress.session, key.name)
+            upstream = self.route(record.model, affinity)
+            await self.forward(
+                record,
+                receive,
+                send,
+                upstream,
+                body,
+                ingress,
+                affinity,
+                choices,
+                client_wants_usage,
+            )
+        except Refusal as refusal:
+            record.status, record.error = refusal.kind.status, refusal.kind.code
+            record.rejection = refusal.reason
+            record.upstream_error = refusal.upstream_error or record.upstream_error
+            await send_refusal(send, refusal, record.request_id)
+        except asyncio.CancelledError:
+            if record.phase is Phase.ABANDONED:
+                return  # the client left; its request is settled below
+            # The drain deadline: tell the client, settle what it used, end the task.
+            if record.phase is Phase.RECEIVING:
+                record.status = errors.SHUTTING_DOWN.status
+                message = "The gateway is shutting down; the request was not completed."
+                await send_refusal(send, Refusal(errors.SHUTTING_DOWN, message), record.request_id)
+            record.phase, record.error = Phase.CUT, errors.SHUTTING_DOWN.code
+            raise
         except Exception:
-            log.exception("unexpected error", extra={"request_id": ex.request_id})
-            ex.status, ex.error = 500, errors.INTERNAL.code
-            if not ex.response_started:
-                await send_error(send, errors.INTERNAL, "Internal gateway error.", ex.request_id)
+            log.exception("unexpected error", extra={"request_id": record.request_id})
+            record.status, record.error = 500, errors.INTERNAL.code
+            if record.phase is Phase.RECEIVING:
+                internal = Refusal(errors.INTERNAL, "Internal gateway error.")
+                await send_refusal(send, internal, record.request_id)
         finally:
-            self.gateway.inflight -= 1
-            self.gateway.finish(ex)
+            self.lifecycle.inflight -= 1
+            record.finish()
+            self._settle(record)
 
-    async def _handle(self, ex: Exchange, scope: Scope, receive: Receive, send: Send) -> None:
-        gw = self.gateway
-        # 1. Ingress: one pass over the headers.
-        authorization = request_id = length = connection = forwarded_for = None
+    # 1. Ingress
+
+    def ingress(self, record: RequestRecord, scope: Scope) -> Ingress:
+        """One pass over the headers: request id, size, IP limit, what may go upstream."""
+        settings = self.settings
+        request_id = length = forwarded_for = session = None
         forward: dict[str, str] = {}
         for name, value in scope["headers"]:
-            if name == b"x-forwarded-for":
-                forwarded_for = value
-            if name in _NOT_FORWARDED:
-                if name == b"authorization":
-                    authorization = value
-                elif name == b"x-request-id":
-                    request_id = value
-                elif name == b"content-length":
-                    length = value
-                elif name == b"connection":
-                    connection = value
+            if name == b"x-request-id":
+                request_id = value
                 continue
-            forward[name.decode("latin-1")] = value.decode("latin-1")
-        if connection:
-            for token in connection.decode("latin-1").lower().split(","):
-                forward.pop(token.strip(), None)
-        if request_id is not None and _REQUEST_ID.match(request_id):
-            ex.request_id = request_id.decode()
-        else:
-            ex.request_id = os.urandom(16).hex()  # uuid4().hex's format, a third of its cost
-
-        if length is not None and (not length.isdigit() or int(length) > self.max_body):
-            raise Reject(errors.BODY_TOO_LARGE, self._too_large(), reason="size")
-        if gw.ip_limit is not None:
+            if name == b"content-length":
+                length = value
+            elif name == b"x-forwarded-for":
+                forwarded_for = value
+            elif name == settings.affinity_header:
+                session = value.decode("latin-1")
+            if (
+                name in _ALWAYS_FORWARDED
+                or name in settings.forward_exact
+                or (
+                    settings.forward_prefixes
+                    and name.startswith(settings.forward_prefixes)
+                    and name not in NEVER_FORWARDED
+                )
+            ):
+                forward[name.decode("latin-1")] = value.decode("latin-1")
+        record.request_id = request_id_for(request_id)
+        forward["x-request-id"] = record.request_id
+        if length is not None and (not length.isdigit() or int(length) > settings.max_body):
+            raise Refusal(errors.BODY_TOO_LARGE, self._too_large(), reason="size")
+        if self.ip_limit is not None:
             peer = scope["client"][0] if scope.get("client") else ""
-            wait = gw.ip_limit.check(gw.client_address.of(peer, forwarded_for))
+            wait = self.ip_limit.check(self.client_address.of(peer, forwarded_for))
             if wait:
-                raise Reject(
+                raise Refusal(
                     errors.RATE_LIMITED,
                     "Too many requests from this address.",
                     wait,
                     reason="ip_rate",
                 )
+        return Ingress(forward, session)
 
-        # 2. Who is asking, for what.
-        key = gw.keys.authenticate(authorization)
-        if key is None:
-            raise Reject(
-                errors.INVALID_API_KEY,
-                "Incorrect API key provided."
-                if authorization
-                else "Missing API key: send it as 'Authorization: Bearer <key>'.",
-                reason="auth",
-            )
-        refusal = key.refusal(time.time())
-        if refusal is not None:
-            raise Reject(errors.INVALID_API_KEY, refusal, reason="auth")
-        ex.key_name = key.name
-        if ex.trace is not None:
-            ex.trace.mark("auth")
+    # 3. Parse
 
-        body = await self._read_body(receive)
-        if body is None:
-            ex.client_gone = True
-            return
-        data = _parse(body)
+    def parse(self, record: RequestRecord, key: ApiKey, body: bytes) -> dict[str, Any]:
+        data = parse_body(body)
         model = data.get("model")
-        ex.model = model if isinstance(model, str) else None
-        if key.models is not None and ex.model not in key.models:
-            raise Reject(
+        record.model = model if isinstance(model, str) else None
+        record.stream = data.get("stream") is True
+        if not key.may_use(record.model):
+            raise Refusal(
                 errors.MODEL_NOT_ALLOWED,
-                f"This API key may not use model {ex.model!r}; allowed: "
-                + ", ".join(sorted(key.models)),
+                f"This API key may not use model {record.model!r}; allowed: "
+                + ", ".join(sorted(key.models or ())),
                 reason="model",
+                param="model",
             )
+        return data
 
-        # 3. Quota and per-key limits; the reservation is settled in Gateway.finish.
+    # 4. Admit
+
+    def admit(self, record: RequestRecord, key: ApiKey, data: dict[str, Any], body: bytes) -> int:
+        """Reserve the most the request can use: its prompt plus `max_tokens` for every
+        sequence the upstream will generate (`n`, or `best_of` when larger). Returns
+        that number of sequences."""
+        choices = max(_count(data, "n"), _count(data, "best_of"))
         max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
-        if not isinstance(max_tokens, int) or max_tokens < 0:
-            max_tokens = self.default_reserve
-        admitted = gw.quota.admit(key, estimate_prompt_tokens(body) + max_tokens)
-        if isinstance(admitted, Refusal):
-            raise Reject(
-                admitted.kind, admitted.message, admitted.retry_after, reason=admitted.reason
-            )
-        ex.admission = admitted
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+            max_tokens = self.settings.default_reserve
+        record.prompt_estimate = estimate_prompt_tokens(body)
+        record.admission = self.quota.admit(key, record.prompt_estimate, choices * max_tokens)
+        return choices
 
-        # 4. Streams always ask the upstream for usage; the client sees it only if it asked.
-        stream = data.get("stream", False)
-        ex.stream = stream is True
-        client_wants_usage = True
-        if ex.stream:
-            options = data.get("stream_options")
-            client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-            if not client_wants_usage:
-                if "stream_options" not in data:
-                    body = body[: body.rstrip().rfind(b"}")] + _STREAM_USAGE
-                else:
-                    data["stream_options"] = {**(options or {}), "include_usage": True}
-                    body = json.dumps(data, ensure_ascii=False).encode()
+    # 5. Route
 
-        # 5. A replica serving the model, skipping unhealthy and open-breaker ones.
-        pool = gw.upstreams
-        affinity = self._affinity(forward, key.name)
-        upstream = pool.pick(ex.model, affinity)
+    def route(self, model: str | None, affinity: str | None) -> Upstream:
+        upstream = self.pool.pick(model, affinity)
         if upstream is None:
-            raise _no_upstream(pool, ex.model)
+            raise self.pool.refusal_for(model)
+        return upstream
 
-        # 6. Upstream call, cancelled when the client disconnects.
-        if pool.authorization:
-            forward["authorization"] = pool.authorization
-        forward["content-type"] = "application/json"
-        forward["x-request-id"] = ex.request_id
-        task = asyncio.current_task()
-        assert task is not None
-        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, ex, task))
-        try:
-            await self._exchange(ex, send, upstream, body, forward, client_wants_usage, affinity)
-        except asyncio.CancelledError:
-            if not ex.client_gone:
-                raise
-            task.uncancel()
-            if ex.upstream is not None:
-                ex.upstream.breaker.release()
-        finally:
-            watcher.cancel()
-        if ex.usage is None and ex.streamed_chunks:
-            # 8. A stream that broke (or was abandoned) before its usage chunk.
-            chat = ex.route == "/v1/chat/completions"
-            ex.usage = Usage(
-                prompt_tokens=estimate_prompt_tokens(body),
-                completion_tokens=max(0, ex.streamed_chunks - (1 if chat else 0)),
-                exact=False,
-            )
-
-    def _affinity(self, forward: dict[str, str], key_name: str) -> str | None:
-        mode = self.affinity_mode
+    def _affinity(self, session: str | None, key_name: str) -> str | None:
+        mode = self.settings.affinity_mode
         if mode == "off":
             return None
-        return key_name if mode == "key" else forward.get(self.affinity_header)
+        return key_name if mode == "key" else session
 
-    async def _exchange(
+    # 6. Forward (with 7, respond)
+
+    async def forward(
         self,
-        ex: Exchange,
+        record: RequestRecord,
+        receive: Receive,
         send: Send,
         upstream: Upstream,
         body: bytes,
-        headers: dict[str, str],
-        client_wants_usage: bool,
+        ingress: Ingress,
         affinity: str | None,
+        choices: int,
+        client_wants_usage: bool,
     ) -> None:
-        """One attempt, or two: a request that failed before any response byte (connection
-        refused or dropped before an answer, or a 502/503 from a failing or draining
-        replica) is sent once more, to another replica. A timeout is not retried (the
-        replica may be generating), nor is anything after the response started."""
-        pool = self.gateway.upstreams
-        assert pool.session is not None
-        timeout = pool.timeout_stream if ex.stream else pool.timeout_full
-        attempt: Upstream | None = upstream
-        while attempt is not None:
-            current, attempt = attempt, None
-            ex.upstream = current
-            url = current.url[ex.route]
-            if ex.trace is not None:
-                ex.trace.start_upstream(str(url), headers)
-            current.inflight += 1
-            current.requests += 1
-            try:
-                sent_at = perf_counter()
+        """The upstream call, cancelled when the client disconnects. A request that
+        failed before any response byte (connection refused or dropped before an
+        answer, or a 502/503 from a failing or draining replica) is sent once more, to
+        another replica; a timeout is not retried (the replica may be generating), nor
+        is anything after the response started."""
+        headers = ingress.forward
+        if self.settings.upstream_authorization:
+            headers["authorization"] = self.settings.upstream_authorization
+        headers["content-type"] = "application/json"
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, record, task))
+        retried = False
+        attempt: Attempt | None = None
+        try:
+            while True:
+                attempt = self.pool.attempt(upstream)
+                outcome = Outcome.ABANDONED
+                can_retry = not retried and len(self.pool.upstreams) > 1
                 try:
-                    resp = await pool.session.post(url, data=body, headers=headers, timeout=timeout)
-                except _UPSTREAM_ERRORS as exc:
-                    ex.upstream_seconds += perf_counter() - sent_at
-                    current.breaker.failure()
-                    if isinstance(exc, _RETRYABLE):
-                        attempt = self._retry(ex, current, affinity)
-                    if attempt is None:
-                        raise _upstream_reject(exc) from None
-                    continue
-                ex.upstream_seconds += perf_counter() - sent_at
-                if ex.trace is not None:
-                    ex.trace.end_upstream(resp.status)
-                ex.upstream_status = resp.status
-                if resp.status in (502, 503):
-                    attempt = self._retry(ex, current, affinity)
-                    if attempt is not None:
-                        current.breaker.failure()
-                        resp.close()
-                        continue
-                try:
-                    if resp.status == 200 and resp.content_type == "text/event-stream":
-                        await self._stream(ex, send, resp, client_wants_usage)
-                    else:
-                        await self._whole(ex, send, resp)
+                    outcome = await self._attempt(
+                        record, send, attempt, body, headers, choices, client_wants_usage, can_retry
+                    )
+                    return
+                except UpstreamFailure as failure:
+                    outcome = failure.outcome
+                    if failure.retryable:
+                        record.awaiting_usage = False  # the replica never took it on
+                    other = (
+                        None
+                        if retried or not failure.retryable
+                        else self._other(record, upstream, affinity)
+                    )
+                    if other is None:
+                        raise _refusal_for_failure(failure) from None
+                    retried, upstream = True, other
                 finally:
-                    resp.release() if ex.completed else resp.close()
-            finally:
-                current.inflight -= 1
+                    record.upstream_seconds += attempt.waited
+                    attempt.finish(outcome)
+        except asyncio.CancelledError:
+            if record.phase is not Phase.ABANDONED:
+                raise
+            task.uncancel()
+        finally:
+            watcher.cancel()
 
-    def _retry(self, ex: Exchange, failed: Upstream, affinity: str | None) -> Upstream | None:
-        if ex.retried:
-            return None
-        other = self.gateway.upstreams.pick(ex.model, affinity, exclude=failed)
+    def _other(
+        self, record: RequestRecord, failed: Upstream, affinity: str | None
+    ) -> Upstream | None:
+        other = self.pool.pick(record.model, affinity, exclude=failed)
         if other is not None:
-            ex.retried = True
-            self.gateway.upstreams.retries += 1
+            self.pool.retries += 1
         return other
 
-    async def _whole(self, ex: Exchange, send: Send, resp: aiohttp.ClientResponse) -> None:
-        """7. A JSON answer: read it all, count its usage, pass it on."""
-        assert ex.upstream is not None
-        breaker = ex.upstream.breaker
-        started = perf_counter()
-        try:
-            payload = await resp.read()
-        except _UPSTREAM_ERRORS as exc:
-            breaker.failure()
-            raise _upstream_reject(exc) from None
-        ex.upstream_seconds += perf_counter() - started
-        ex.completed = True
-        status = resp.status
-        if status >= 500:
-            breaker.failure()
-            ex.upstream_error = "status_5xx"
-        else:
-            breaker.success()
-        if status == 200:
-            ex.usage = usage_from_body(payload)
-        elif status in (401, 403):
-            raise Reject(
-                errors.UPSTREAM_ERROR,
-                f"The upstream refused the gateway's credentials ({status}); check VLLM_API_KEY.",
-                upstream="credentials",
+    async def _attempt(
+        self,
+        record: RequestRecord,
+        send: Send,
+        attempt: Attempt,
+        body: bytes,
+        headers: dict[str, str],
+        choices: int,
+        client_wants_usage: bool,
+        can_retry: bool,
+    ) -> Outcome:
+        """One try: its outcome, or `UpstreamFailure` (retryable ones before any byte)."""
+        trace = record.trace
+        if trace is not None:
+            trace.start_upstream(attempt.upstream.base + record.route, headers)
+        timeout = self.settings.timeout_stream if record.stream else self.settings.timeout_whole
+        # From here the replica may spend tokens on the request before it says how many.
+        record.awaiting_usage = True
+        status, content_type = await attempt.send(record.route, body, headers, timeout)
+        record.upstream_status = status
+        if trace is not None:
+            trace.end_upstream(status)
+        if status in (502, 503) and can_retry:
+            # A failing or draining replica that did not take the request: another may.
+            raise UpstreamFailure(Outcome.STATUS_5XX, f"status {status}", retryable=True)
+        if status == 200 and content_type.startswith("text/event-stream"):
+            return await self._stream(
+                record, send, attempt, content_type, choices, client_wants_usage
             )
+        return await self._whole(record, send, attempt, status, content_type)
+
+    async def _whole(
+        self, record: RequestRecord, send: Send, attempt: Attempt, status: int, content_type: str
+    ) -> Outcome:
+        """7. A JSON answer: read it all, count its usage, pass it on."""
+        payload = await attempt.read()
+        record.awaiting_usage = False  # whatever it used, the answer says (or nothing)
+        outcome = Outcome.STATUS_5XX if status >= 500 else Outcome.SUCCEEDED
+        if status == 200:
+            record.usage = usage_from_body(payload)
+        elif status in (401, 403):
+            log.error(
+                "the upstream refused the gateway's credentials",
+                extra={
+                    "event": "upstream_credentials",
+                    "status": status,
+                    "upstream": attempt.upstream.name,
+                    "request_id": record.request_id,
+                },
+            )
+            record.upstream_error = "credentials"
+            raise Refusal(errors.UPSTREAM_ERROR, "The upstream refused the gateway's request.")
         elif status >= 400 and not errors.is_openai_error(payload):
-            kind = ErrorKind(status, "upstream_error", "upstream_error")
-            raise Reject(kind, f"The upstream answered {status} {resp.reason or ''}".strip())
-        ex.status = status
+            record.upstream_error = outcome.value if outcome.is_failure else None
+            raise Refusal(
+                ErrorKind(status, "upstream_error", "upstream_error"),
+                f"The upstream answered with status {status}.",
+            )
+        if outcome.is_failure:
+            record.upstream_error = outcome.value
+        record.status = status
         headers = [
-            (b"content-type", resp.headers.get("content-type", "application/json").encode()),
-            (b"content-length", str(len(payload)).encode()),
-            (b"x-request-id", ex.request_id.encode()),
-            (b"x-tollgate-overhead-ms", ex.overhead_header()),
+            (b"content-type", content_type.encode()),
+            (b"content-length", b"%d" % len(payload)),
+            (b"x-request-id", record.request_id.encode()),
+            (b"x-tollgate-overhead-ms", record.overhead_header()),
         ]
-        ex.response_started = True
+        record.phase = Phase.RESPONDING
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        ex.responded = True
+        record.phase = Phase.RESPONDED
         await send({"type": "http.response.body", "body": payload})
+        return outcome
 
     async def _stream(
-        self, ex: Exchange, send: Send, resp: aiohttp.ClientResponse, client_wants_usage: bool
-    ) -> None:
+        self,
+        record: RequestRecord,
+        send: Send,
+        attempt: Attempt,
+        content_type: str,
+        choices: int,
+        client_wants_usage: bool,
+    ) -> Outcome:
         """7. SSE: each read from the upstream goes to the client before the next read."""
-        assert ex.upstream is not None
-        breaker = ex.upstream.breaker
-        ex.status = 200
-        ex.response_started = True
+        record.status = 200
+        record.phase = Phase.RESPONDING
         await send(
             {
                 "type": "http.response.start",
                 "status": 200,
                 "headers": [
-                    (b"content-type", resp.headers["content-type"].encode()),
-                    (b"x-request-id", ex.request_id.encode()),
-                    (b"x-tollgate-overhead-ms", ex.overhead_header()),
+                    (b"content-type", content_type.encode()),
+                    (b"x-request-id", record.request_id.encode()),
+                    (b"x-tollgate-overhead-ms", record.overhead_header()),
                 ],
             }
         )
         tap = StreamTap(strip_usage=not client_wants_usage)
-        broken: BaseException | None = None
-        waiting_since = perf_counter()
+        # Chat streams open each choice with a role-only delta: not a token.
+        opening_chunks = choices if record.route == CHAT else 0
+        broken: UpstreamFailure | None = None
         try:
-            async for data in resp.content.iter_any():
-                now = perf_counter()
-                ex.upstream_seconds += now - waiting_since
-                if ex.ttft_seconds is None:
-                    ex.ttft_seconds = now - ex.started
+            async for data in attempt.chunks():
+                if record.ttft_seconds is None:
+                    record.ttft_seconds = perf_counter() - record.started
                 out = tap.feed(data)
+                record.streamed_chunks = max(0, tap.chunks - opening_chunks)
                 if out:
                     await send({"type": "http.response.body", "body": out, "more_body": True})
-                waiting_since = perf_counter()
-        except _UPSTREAM_ERRORS as exc:
-            broken = exc
+        except UpstreamFailure as failure:
+            broken = failure
+        except asyncio.CancelledError:
+            if record.phase is not Phase.ABANDONED:
+                # The drain deadline: end the stream with an error event the SDKs raise.
+                message = "The gateway is shutting down; the stream was cut short."
+                tail = tap.flush() + _error_event(errors.SHUTTING_DOWN, message)
+                record.phase = Phase.CUT
+                record.usage = tap.usage
+                await send({"type": "http.response.body", "body": tail, "more_body": False})
+            raise
         finally:
-            ex.streamed_chunks = tap.chunks
-            ex.usage = tap.usage
+            record.usage = tap.usage
+        if tap.usage is not None:
+            record.awaiting_usage = False
         tail = tap.flush()
+        outcome = Outcome.SUCCEEDED
         if broken is not None:
-            breaker.failure()
-            ex.error = errors.UPSTREAM_STREAM_BROKEN.code
-            ex.upstream_error = "stream_broken"
-            message = f"The upstream stream broke: {_describe(broken)}"
-            tail += b"data: " + errors.error_body(errors.UPSTREAM_STREAM_BROKEN, message) + b"\n\n"
-        else:
-            breaker.success()
-            ex.completed = True
-        ex.responded = True
+            outcome = broken.outcome
+            record.error = errors.UPSTREAM_STREAM_BROKEN.code
+            record.upstream_error = outcome.value
+            log.warning(
+                "upstream stream broke",
+                extra={
+                    "event": "upstream_stream_broken",
+                    "upstream": attempt.upstream.name,
+                    "request_id": record.request_id,
+                    "detail": str(broken),
+                },
+            )
+            tail += _error_event(
+                errors.UPSTREAM_STREAM_BROKEN, "The upstream stream broke before it ended."
+            )
+        record.phase = Phase.RESPONDED
         await send({"type": "http.response.body", "body": tail, "more_body": False})
+        return outcome
 
     async def _read_body(self, receive: Receive) -> bytes | None:
         """The whole body, or None if the client left; 413 past the limit."""
@@ -431,87 +491,122 @@ class Proxy:
                 return None
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body:
-                raise Reject(errors.BODY_TOO_LARGE, self._too_large(), reason="size")
+            if size > self.settings.max_body:
+                raise Refusal(errors.BODY_TOO_LARGE, self._too_large(), reason="size")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _too_large(self) -> str:
-        return f"The request body is larger than the gateway's limit of {self.max_body} bytes."
+        limit = self.settings.max_body
+        return f"The request body is larger than the gateway's limit of {limit} bytes."
 
 
-def _parse(body: bytes) -> dict[str, Any]:
+def parse_body(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object; a clear 400 for anything else (JSON bodies are UTF-8:
+    a UTF-16 one would be corrupted by the bytes the gateway splices in)."""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise Reject(
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise Refusal(
+            errors.INVALID_ENCODING,
+            "The request body must be UTF-8 encoded JSON.",
+            reason="invalid",
+        ) from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise Refusal(
             errors.INVALID_JSON, f"The request body is not valid JSON: {exc}", reason="invalid"
         ) from None
+    except RecursionError:
+        raise Refusal(
+            errors.INVALID_JSON, "The request body is nested too deeply.", reason="invalid"
+        ) from None
     if not isinstance(data, dict):
-        raise Reject(
+        raise Refusal(
             errors.INVALID_JSON, "The request body must be a JSON object.", reason="invalid"
         )
     if "stream" in data and not isinstance(data["stream"], bool):
-        raise Reject(errors.INVALID_REQUEST, "'stream' must be a boolean.", reason="invalid")
+        raise Refusal(
+            errors.INVALID_REQUEST,
+            "'stream' must be a boolean.",
+            reason="invalid",
+            param="stream",
+        )
     options = data.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise Reject(
-            errors.INVALID_REQUEST, "'stream_options' must be an object.", reason="invalid"
+        raise Refusal(
+            errors.INVALID_REQUEST,
+            "'stream_options' must be an object.",
+            reason="invalid",
+            param="stream_options",
         )
     return data
 
 
-async def _watch_disconnect(receive: Receive, ex: Exchange, task: asyncio.Task[Any]) -> None:
+def _count(data: dict[str, Any], name: str) -> int:
+    """`n` or `best_of`: absent means 1; anything but an integer 1..MAX_CHOICES is a 400."""
+    value = data.get(name)
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CHOICES:
+        raise Refusal(
+            errors.INVALID_REQUEST,
+            f"'{name}' must be an integer from 1 to {MAX_CHOICES}.",
+            reason="invalid",
+            param=name,
+        )
+    return value
+
+
+def _with_stream_usage(
+    record: RequestRecord, data: dict[str, Any], body: bytes
+) -> tuple[bytes, bool]:
+    """Streams always ask the upstream for usage; the client sees it only if it asked."""
+    if not record.stream:
+        return body, True
+    options = data.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return body, True
+    if "stream_options" not in data:
+        return body[: body.rstrip().rfind(b"}")] + _STREAM_USAGE, False
+    data["stream_options"] = {**(options or {}), "include_usage": True}
+    return json.dumps(data, ensure_ascii=False).encode(), False
+
+
+def _error_event(kind: ErrorKind, message: str) -> bytes:
+    return b"data: " + errors.error_body(kind, message) + b"\n\n"
+
+
+async def _watch_disconnect(
+    receive: Receive, record: RequestRecord, task: asyncio.Task[Any]
+) -> None:
     """Cancel the request's task when its client disconnects before the answer ended."""
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            if not ex.responded:
-                ex.client_gone = True
+            if record.phase in (Phase.RECEIVING, Phase.RESPONDING):
+                record.phase = Phase.ABANDONED
                 task.cancel()
             return
 
 
-def _no_upstream(pool: UpstreamPool, model: str | None) -> Reject:
-    if not pool.knows_model(model):
-        return Reject(
-            errors.MODEL_NOT_FOUND,
-            f"The model `{model}` does not exist.",
-            reason="unknown_model",
-        )
-    if any(u.healthy and u.serves(model) for u in pool.upstreams):
-        return Reject(
-            errors.UNAVAILABLE,
-            "The upstream is failing; the gateway's circuit breaker is open.",
-            pool.retry_after(),
-            reason="breaker",
-        )
-    return Reject(
-        errors.NO_UPSTREAM,
-        "No healthy upstream serves this model right now.",
-        1,
-        reason="no_upstream",
+def _refusal_for_failure(failure: UpstreamFailure) -> Refusal:
+    """What the client is told of an upstream failure: the kind, never the upstream's
+    address or the client library's internals (those go to the log)."""
+    outcome = failure.outcome
+    log.warning(
+        "upstream request failed",
+        extra={"event": "upstream_failure", "kind": outcome.value, "detail": str(failure)},
     )
-
-
-def _upstream_reject(exc: BaseException) -> Reject:
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
-        return Reject(
-            errors.UPSTREAM_TIMEOUT, "The upstream did not answer in time.", upstream="timeout"
-        )
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return Reject(
-            errors.UPSTREAM_UNREACHABLE,
-            f"The upstream is unreachable: {_describe(exc)}",
-            upstream="unreachable",
-        )
-    return Reject(
-        errors.UPSTREAM_ERROR,
-        f"The upstream connection failed: {_describe(exc)}",
-        upstream="error",
-    )
-
-
-def _describe(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
+    if outcome is Outcome.TIMEOUT:
+        kind, message = errors.UPSTREAM_TIMEOUT, "The upstream did not answer in time."
+    elif outcome is Outcome.UNREACHABLE:
+        kind, message = errors.UPSTREAM_UNREACHABLE, "The upstream is unreachable."
+    elif outcome is Outcome.STATUS_5XX:
+        kind = errors.UPSTREAM_ERROR
+        message = "The upstream is unavailable (it answered 502/503)."
+    else:
+        kind, message = errors.UPSTREAM_ERROR, "The upstream connection failed."
+    return Refusal(kind, message, upstream_error=outcome.value)

@@ -7,9 +7,12 @@ Every replica keeps three kinds of numbers per key:
 - reservations of its in-flight requests.
 
 Admission compares global + local + reserved with the key's policy, in memory; the store is
-never on the request path. A request reserves its prompt estimate plus its `max_tokens` (or
-a default) at admission, so concurrent long streams cannot all start on the same remaining
-quota; at its end the reservation is released and the real usage recorded.
+never on the request path. A request reserves its prompt estimate plus the most it may
+generate (`max_tokens`, or a default, for each of its sequences) at admission, so
+concurrent long streams cannot all start on the same remaining quota, and a request whose
+own generation cannot fit in what is left of the key's tokens per day (or minute) is
+refused rather than run past the limit; at its end the reservation is released and the
+real usage recorded.
 
 Windows: tokens per day are counted per UTC day (a request counts on the day it ends; the
 quota resets at 00:00 UTC). Requests and tokens per minute use a sliding window estimated
@@ -17,8 +20,13 @@ from two fixed one-minute windows (the previous one weighted by how much of it s
 overlaps the last 60 s). Concurrent requests are counted per replica.
 
 Over-admission bound: a replica sees other replicas' usage at most one flush interval
-late, so past a limit at most (replicas - 1) x flush interval x the key's traffic rate can
-be admitted, plus what the last admitted requests use beyond their reservation. A store
+late. Far from a limit that does not matter; within `exact_margin` of one (20 % by
+default), and when replicas share the store, each admission is confirmed against the
+store: its counts go there in one atomic flush that returns the global totals, and the
+limits are checked again on those. So past a limit, what other replicas admit unseen is
+only what they have in flight (their reservations are local) plus what races within one
+round trip to the store, and what the admitted requests use beyond their reservation (a
+request without `max_tokens` reserves `QUOTA_DEFAULT_RESERVE_TOKENS` a sequence). A store
 outage stops the sharing: replicas then admit on their last known totals (fail-open, the
 default) or refuse with 503 (`QUOTA_FAIL_CLOSED=true`); deltas stay buffered and are all
 flushed when the store returns. A killed process (SIGKILL) loses at most one flush
@@ -30,38 +38,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from tollgate_contract.usage import Usage
 from tollgate_gateway import errors
-from tollgate_gateway.errors import ErrorKind
+from tollgate_gateway.errors import Refusal
 from tollgate_gateway.keys import ApiKey
-from tollgate_gateway.stores import Batch, Counts, DayWindow, MinuteWindow, QuotaStore
-from tollgate_gateway.usage import Usage
+from tollgate_gateway.stores import Batch, DayWindow, MinuteWindow, QuotaStore
 
 log = logging.getLogger("tollgate.quota")
 
 # A key whose last request is older than this is no longer refreshed at every flush.
 ACTIVE_SECONDS = 600.0
-_EMPTY = Counts()
+_EMPTY = Usage()
 
 
 @dataclass(slots=True)
 class Admission:
     key: str
     reserved: int
-
-
-@dataclass(slots=True)
-class Refusal:
-    kind: ErrorKind
-    message: str
-    retry_after: int
-    reason: str  # the metrics' rejection reason
+    completion_tokens: int
+    day: str
+    minute: int
+    # The key is near a limit and the store is shared: `QuotaLedger.confirm` decides.
+    confirm: bool = False
 
 
 class QuotaLedger:
@@ -71,26 +75,33 @@ class QuotaLedger:
         flush_interval: float,
         fail_closed: bool = False,
         clock: Callable[[], float] = time.time,
+        exact_margin: float = 0.2,
     ) -> None:
         self.store = store
         self.flush_interval = flush_interval
         self.fail_closed = fail_closed
+        # Within this fraction of a limit, admissions are confirmed against the shared
+        # store (0: never; the local view, at most a flush interval old, decides).
+        self.exact_margin = exact_margin
         self._clock = clock
         self.replica_id = uuid.uuid4().hex
         self._seq = 0
-        self._global_days: dict[DayWindow, Counts] = {}
-        self._global_minutes: dict[MinuteWindow, Counts] = {}
+        self._global_days: dict[DayWindow, Usage] = {}
+        self._global_minutes: dict[MinuteWindow, Usage] = {}
         self._pending = Batch(self.replica_id, 0)
         self._sending: Batch | None = None
         self._reserved: dict[str, int] = {}
         self._inflight: dict[str, int] = {}
         self._active: dict[str, float] = {}
+        self._exact_until: dict[str, float] = {}
         self._flush_lock = asyncio.Lock()
         self._store_started = False
         self._task: asyncio.Task[None] | None = None
         self._day_number = -1
         self._day_text = ""
         self.store_ok = True
+        # Replicas flushing to the store, as it last said (for the near-limit estimate).
+        self.replicas = 1
         self.flush_errors = 0
         self.last_flush_at = 0.0
         # Called with each successful flush's duration (the metrics histogram).
@@ -132,67 +143,128 @@ class QuotaLedger:
 
     # The request path
 
-    def admit(self, key: ApiKey, reserve: int) -> Admission | Refusal:
+    def admit(self, key: ApiKey, prompt_tokens: int, completion_tokens: int) -> Admission:
+        """Admit a request that may use `prompt_tokens` + up to `completion_tokens`, and
+        reserve both; else raise the `Refusal` that says which limit it hit. When the key
+        is near a limit and replicas share the store, the admission must be confirmed
+        against the store's own count (`confirm`) before the request goes on."""
         name = key.name
         now = self._clock()
         self._active[name] = now
         if self.fail_closed and not self.store_ok:
-            return Refusal(
+            raise Refusal(
                 errors.QUOTA_STORE_UNAVAILABLE,
                 "The quota store is unavailable and this gateway fails closed.",
-                max(1, round(self.flush_interval)),
-                "quota_store",
+                self.flush_interval,
+                reason="quota_store",
             )
-        day = self._day(now)
-        minute = int(now // 60)
-        reserved = self._reserved.get(name, 0)
+        day, minute = self._day(now), int(now // 60)
         inflight = self._inflight.get(name, 0)
-        policy = key.policy
-        if policy is not None:
-            limit = policy.max_concurrent_requests
+        near = False
+        if key.policy is not None:
+            limit = key.policy.max_concurrent_requests
             if limit is not None and inflight >= limit:
-                return Refusal(
+                raise Refusal(
                     errors.RATE_LIMITED,
                     f"Too many concurrent requests for this key (limit {limit}).",
                     1,
-                    "concurrency",
+                    reason="concurrency",
                 )
-            limit = policy.tokens_per_day
-            if limit is not None and self._day_counts(name, day).tokens + reserved >= limit:
-                return Refusal(
-                    errors.QUOTA_EXCEEDED,
-                    f"This key's daily quota of {limit} tokens is used up; it resets at 00:00 UTC.",
-                    math.ceil(86400 - now % 86400),
-                    "quota",
-                )
-            rpm, tpm = policy.requests_per_minute, policy.tokens_per_minute
-            if rpm is not None or tpm is not None:
-                frac = (now % 60) / 60
-                cur = self._minute_counts(name, minute)
-                prev = self._minute_counts(name, minute - 1)
-                if rpm is not None:
-                    wait = _sliding_wait(prev.requests, cur.requests + 1, rpm, frac)
-                    if wait > 0:
-                        return Refusal(
-                            errors.RATE_LIMITED,
-                            f"Rate limit reached: {rpm} requests per minute for this key.",
-                            max(1, math.ceil(wait)),
-                            "rate",
-                        )
-                if tpm is not None:
-                    wait = _sliding_wait(prev.tokens, cur.tokens + reserved + 1, tpm, frac)
-                    if wait > 0:
-                        return Refusal(
-                            errors.RATE_LIMITED,
-                            f"Rate limit reached: {tpm} tokens per minute for this key.",
-                            max(1, math.ceil(wait)),
-                            "rate",
-                        )
-        self._reserved[name] = reserved + reserve
+            near = self._check(key, now, day, minute, 1, max(1, completion_tokens))
+        # Once near a limit, a key stays on confirmed admissions for a minute: another
+        # replica's unflushed admissions are exactly what the local view cannot see.
+        if near:
+            self._exact_until[name] = now + 60
+        elif self._exact_until.get(name, 0.0) > now:
+            near = True
+        reserve = prompt_tokens + completion_tokens
+        self._reserved[name] = self._reserved.get(name, 0) + reserve
         self._inflight[name] = inflight + 1
         self._pending_day(name, day).requests += 1
         self._pending_minute(name, minute).requests += 1
-        return Admission(name, reserve)
+        confirm = near and self.exact_margin > 0 and self.store.shared and self.store_ok
+        return Admission(name, reserve, max(1, completion_tokens), day, minute, confirm)
+
+    async def confirm(self, key: ApiKey, admission: Admission) -> None:
+        """Near a limit, the other replicas' latest usage decides: this replica's counts
+        (this request included) go to the store in one atomic flush, which answers with
+        the global totals, and the limits are checked again on those. Over-admission
+        across replicas then shrinks from a flush interval's traffic to what is in flight
+        and what races within one round trip to the store."""
+        if not await self.flush():
+            return  # the store is down: the local view decides (fail-open)
+        try:
+            self._check(key, self._clock(), admission.day, admission.minute, 0, 0)
+        except Refusal:
+            # Not admitted after all: not a request (its reservation is released when the
+            # request is settled, as every request's is).
+            self._pending_day(admission.key, admission.day).requests -= 1
+            self._pending_minute(admission.key, admission.minute).requests -= 1
+            raise
+
+    def _check(
+        self, key: ApiKey, now: float, day: str, minute: int, requests: int, tokens: int
+    ) -> bool:
+        """Raise the `Refusal` of the first limit that `requests` more requests and
+        `tokens` more tokens (on top of what is counted and reserved) would break;
+        else whether the key is within `exact_margin` of a limit."""
+        policy = key.policy
+        assert policy is not None
+        name = key.name
+        reserved = self._reserved.get(name, 0)
+        # What the other replicas may have counted since their last flush, guessed from
+        # this replica's own unflushed share (they see similar traffic).
+        others = self.replicas - 1
+        near = False
+        limit = policy.tokens_per_day
+        if limit is not None:
+            committed = self._day_counts(name, day).tokens + reserved
+            unseen = others * (self._unflushed((name, day), _DAYS).tokens + reserved)
+            if committed + tokens > limit:
+                left = max(0, limit - committed)
+                raise Refusal(
+                    errors.QUOTA_EXCEEDED,
+                    f"This key's daily quota of {limit} tokens is used up; it resets at 00:00 UTC."
+                    if left == 0 or tokens == 0
+                    else f"This request may generate up to {tokens} tokens"
+                    f" (max_tokens for each of its sequences), more than the {left} left"
+                    " of this key's daily quota; lower max_tokens or n.",
+                    86400 - now % 86400,
+                    reason="quota",
+                )
+            near = near or committed + unseen + tokens > limit * (1 - self.exact_margin)
+        rpm, tpm = policy.requests_per_minute, policy.tokens_per_minute
+        if rpm is None and tpm is None:
+            return near
+        frac = (now % 60) / 60
+        cur = self._minute_counts(name, minute)
+        prev = self._minute_counts(name, minute - 1)
+        unseen_minute = self._unflushed((name, minute), _MINUTES)
+        if rpm is not None:
+            wanted = cur.requests + requests
+            wait = _sliding_wait(prev.requests, wanted, rpm, frac)
+            if wait > 0:
+                raise Refusal(
+                    errors.RATE_LIMITED,
+                    f"Rate limit reached: {rpm} requests per minute for this key.",
+                    wait,
+                    reason="rate",
+                )
+            seen = prev.requests * (1 - frac) + wanted + others * unseen_minute.requests
+            near = near or seen > rpm * (1 - self.exact_margin)
+        if tpm is not None:
+            wanted = cur.tokens + reserved + tokens
+            wait = _sliding_wait(prev.tokens, wanted, tpm, frac)
+            if wait > 0:
+                raise Refusal(
+                    errors.RATE_LIMITED,
+                    f"Rate limit reached: {tpm} tokens per minute for this key.",
+                    wait,
+                    reason="rate",
+                )
+            seen = prev.tokens * (1 - frac) + wanted + others * (unseen_minute.tokens + reserved)
+            near = near or seen > tpm * (1 - self.exact_margin)
+        return near
 
     def settle(self, admission: Admission, usage: Usage | None) -> None:
         """Release the reservation and record the real usage (none if the request failed)."""
@@ -203,7 +275,7 @@ class QuotaLedger:
             self._reserved[name], self._inflight[name] = reserved, inflight
         else:
             del self._reserved[name], self._inflight[name]
-        if usage is not None and usage.total_tokens:
+        if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
             now = self._clock()
             day = self._pending_day(name, self._day(now))
             day.prompt_tokens += usage.prompt_tokens
@@ -212,7 +284,7 @@ class QuotaLedger:
             minute.prompt_tokens += usage.prompt_tokens
             minute.completion_tokens += usage.completion_tokens
 
-    def today(self, name: str) -> tuple[str, Counts]:
+    def today(self, name: str) -> tuple[str, Usage]:
         """A key's usage today as this replica knows it (global + not yet flushed)."""
         day = self._day(self._clock())
         return day, self._day_counts(name, day)
@@ -250,6 +322,7 @@ class QuotaLedger:
             self.last_flush_at = now
             self._global_days.update(totals.days)
             self._global_minutes.update(totals.minutes)
+            self.replicas = totals.replicas
             self._sending = None
             if not self.store_ok:
                 log.info(
@@ -280,6 +353,7 @@ class QuotaLedger:
     def _forget_old(self, now: float, day: str, minute: int) -> None:
         for name in [n for n, seen in self._active.items() if now - seen >= ACTIVE_SECONDS]:
             del self._active[name]
+        self._exact_until = {n: t for n, t in self._exact_until.items() if t > now}
         self._global_days = {w: c for w, c in self._global_days.items() if w[1] == day}
         self._global_minutes = {w: c for w, c in self._global_minutes.items() if w[1] >= minute - 1}
 
@@ -299,37 +373,50 @@ class QuotaLedger:
             self._day_text = time.strftime("%Y-%m-%d", time.gmtime(number * 86400))
         return self._day_text
 
-    def _pending_day(self, name: str, day: str) -> Counts:
+    def _pending_day(self, name: str, day: str) -> Usage:
         counts = self._pending.days.get((name, day))
         if counts is None:
-            counts = self._pending.days[(name, day)] = Counts()
+            counts = self._pending.days[(name, day)] = Usage()
         return counts
 
-    def _pending_minute(self, name: str, minute: int) -> Counts:
+    def _pending_minute(self, name: str, minute: int) -> Usage:
         counts = self._pending.minutes.get((name, minute))
         if counts is None:
-            counts = self._pending.minutes[(name, minute)] = Counts()
+            counts = self._pending.minutes[(name, minute)] = Usage()
         return counts
 
-    def _day_counts(self, name: str, day: str) -> Counts:
-        return self._total((name, day), self._global_days, lambda batch: batch.days)
+    def _day_counts(self, name: str, day: str) -> Usage:
+        return self._total((name, day), self._global_days, _DAYS)
 
-    def _minute_counts(self, name: str, minute: int) -> Counts:
-        return self._total((name, minute), self._global_minutes, lambda batch: batch.minutes)
+    def _minute_counts(self, name: str, minute: int) -> Usage:
+        return self._total((name, minute), self._global_minutes, _MINUTES)
 
     def _total(
         self,
         window: Any,
-        global_totals: dict[Any, Counts],
-        of: Callable[[Batch], dict[Any, Counts]],
-    ) -> Counts:
+        global_totals: dict[Any, Usage],
+        of: Callable[[Batch], dict[Any, Usage]],
+    ) -> Usage:
         """Global total + this replica's unflushed deltas (pending and being sent)."""
-        total = Counts()
+        total = self._unflushed(window, of)
         total.add(global_totals.get(window, _EMPTY))
+        return total
+
+    def _unflushed(self, window: Any, of: Callable[[Batch], dict[Any, Usage]]) -> Usage:
+        """This replica's deltas of `window` not yet in the store's totals."""
+        total = Usage()
         total.add(of(self._pending).get(window, _EMPTY))
         if self._sending is not None:
             total.add(of(self._sending).get(window, _EMPTY))
         return total
+
+
+def _DAYS(batch: Batch) -> dict[Any, Usage]:
+    return batch.days
+
+
+def _MINUTES(batch: Batch) -> dict[Any, Usage]:
+    return batch.minutes
 
 
 def _sliding_wait(prev: float, cur: float, limit: float, frac: float) -> float:

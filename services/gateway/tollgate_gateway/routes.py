@@ -1,14 +1,15 @@
-"""The endpoints off the hot path, on FastAPI: health, readiness, models, usage.
+"""The endpoints off the hot path, on FastAPI: health, readiness, models, usage, metrics.
 
-Errors raised here (and FastAPI's own 404/405/422) are rendered in the OpenAI shape by
-the handlers registered in `build_api`, like the proxy's.
+Every error here (a `Refusal`, and FastAPI's own 404/405/422) is rendered by the one
+renderer the proxy uses (`errors.response_parts`), so all routes answer alike; every
+response carries `x-request-id`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,55 +17,73 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from tollgate_gateway import errors
-from tollgate_gateway.errors import GatewayError
+from tollgate_gateway.asgi import request_id_for
+from tollgate_gateway.errors import Refusal, response_parts
+from tollgate_gateway.keys import ApiKey, CurrentKeys
+from tollgate_gateway.lifecycle import Lifecycle
 from tollgate_gateway.metrics import CONTENT_TYPE
-
-if TYPE_CHECKING:
-    from tollgate_gateway.app import Gateway
-
-
-def _error_response(
-    kind: errors.ErrorKind, message: str, headers: dict[str, str] | None = None
-) -> Response:
-    return Response(
-        errors.error_body(kind, message),
-        status_code=kind.status,
-        media_type="application/json",
-        headers=headers,
-    )
+from tollgate_gateway.quota import QuotaLedger
+from tollgate_gateway.upstream import UpstreamPool
 
 
-def build_api(gateway: Gateway) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await gateway.startup()
-        try:
-            yield
-        finally:
-            await gateway.shutdown()
+def refusal_response(refusal: Refusal, request_id: str = "") -> Response:
+    status, headers, body = response_parts(refusal, request_id)
+    response = Response(body, status_code=status)
+    response.raw_headers = headers
+    return response
 
+
+def build_api(
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
+    keys: CurrentKeys,
+    pool: UpstreamPool,
+    quota: QuotaLedger,
+    lifecycle: Lifecycle,
+    served_model_name: str | None,
+    render_metrics: Callable[[], bytes] | None,
+) -> FastAPI:
+    """`render_metrics` None: metrics are served on their own port, not here."""
     api = FastAPI(
-        title="tollgate",
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
+        title="tollgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
 
-    @api.exception_handler(GatewayError)
-    async def _gateway_error(_: Request, exc: GatewayError) -> Response:
-        return _error_response(exc.kind, exc.message, exc.headers)
+    @api.middleware("http")
+    async def request_id(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        rid = request_id_for(request.headers.get("x-request-id", "").encode("latin-1"))
+        response = await call_next(request)
+        response.headers["x-request-id"] = rid
+        return response
+
+    @api.exception_handler(Refusal)
+    async def _refusal(request: Request, exc: Refusal) -> Response:
+        return refusal_response(exc)
 
     @api.exception_handler(HTTPException)
-    async def _http_error(_: Request, exc: HTTPException) -> Response:
+    async def _http_error(request: Request, exc: HTTPException) -> Response:
         kind = {404: errors.NOT_FOUND, 405: errors.METHOD_NOT_ALLOWED}.get(
             exc.status_code, errors.ErrorKind(exc.status_code, "invalid_request_error", "error")
         )
-        return _error_response(kind, str(exc.detail), dict(exc.headers or {}))
+        headers = [(k.lower().encode(), v.encode()) for k, v in (exc.headers or {}).items()]
+        return refusal_response(Refusal(kind, str(exc.detail), headers=headers))
 
     @api.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
-        return _error_response(errors.INVALID_REQUEST, str(exc.errors()))
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        return refusal_response(Refusal(errors.INVALID_REQUEST, str(exc.errors())))
+
+    def authenticate(request: Request) -> ApiKey:
+        return keys.ring.authenticate(request.headers.raw)
+
+    def model_names(key: ApiKey) -> list[str]:
+        # SERVED_MODEL_NAME, else the union of what the replicas list (read at health checks),
+        # less what this key may not use.
+        names = [served_model_name] if served_model_name else sorted(pool.models())
+        return [name for name in names if key.may_use(name)]
+
+    def card(name: str) -> dict[str, object]:
+        created = lifecycle.started_at
+        return {"id": name, "object": "model", "created": created, "owned_by": "tollgate"}
 
     @api.get("/health")
     async def health() -> dict[str, str]:
@@ -73,39 +92,46 @@ def build_api(gateway: Gateway) -> FastAPI:
 
     @api.get("/ready")
     async def ready() -> Response:
-        """Readiness: upstream healthy, breaker not open, not draining."""
-        problems = gateway.readiness_problems()
-        if problems:
-            return _error_response(errors.NOT_READY, "Not ready: " + "; ".join(problems))
-        return JSONResponse({"status": "ready"})
+        """Readiness: the gateway can answer (not draining). Upstream trouble is reported
+        here but does not fail it: clients then get a 503 that says why."""
+        if lifecycle.draining:
+            return refusal_response(Refusal(errors.NOT_READY, "Not ready: draining."))
+        return JSONResponse({"status": "ready", "upstream_problems": pool.problems()})
 
-    @api.get("/metrics")
-    async def metrics() -> Response:
-        """Prometheus exposition; no key (scrapers are kept out by the network)."""
-        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE)
+    if render_metrics is not None:
+        metrics = render_metrics
+
+        @api.get("/metrics")
+        async def metrics_route() -> Response:
+            """Prometheus exposition; no key (scrapers are kept out by the network)."""
+            return Response(metrics(), media_type=CONTENT_TYPE)
 
     @api.get("/v1/models")
     async def models(request: Request) -> Response:
-        gateway.authenticate(request.headers.get("authorization"))
-        served = gateway.settings.served_model_name
-        # SERVED_MODEL_NAME, else the union of what the replicas list (read at health checks).
-        names = [served] if served else sorted(gateway.upstreams.models())
-        if not names:
-            raise GatewayError(errors.UPSTREAM_ERROR, "No upstream has listed its models yet.")
-        cards = [
-            {"id": name, "object": "model", "created": gateway.started_at, "owned_by": "tollgate"}
-            for name in names
-        ]
-        return JSONResponse({"object": "list", "data": cards})
+        key = authenticate(request)
+        names = model_names(key)
+        if not names and not served_model_name and not pool.models():
+            raise Refusal(errors.UPSTREAM_ERROR, "No upstream has listed its models yet.")
+        return JSONResponse({"object": "list", "data": [card(name) for name in names]})
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> Response:
+        key = authenticate(request)
+        if model_id not in model_names(key):
+            raise Refusal(
+                errors.MODEL_NOT_FOUND, f"The model `{model_id}` does not exist.", param="model"
+            )
+        return JSONResponse(card(model_id))
 
     @api.get("/v1/usage")
     async def usage(request: Request) -> dict[str, object]:
         """The caller's usage today, from the shared store (flushed first, so every
         replica answers the same within the others' flush interval)."""
-        key = gateway.authenticate(request.headers.get("authorization"))
-        await gateway.quota.flush()
-        day, counts = gateway.quota.today(key.name)
+        key = authenticate(request)
+        await quota.flush()
+        day, counts = quota.today(key.name)
         limit = key.policy.tokens_per_day if key.policy else None
+        resets = dt.date.fromisoformat(day) + dt.timedelta(days=1)
         return {
             "object": "usage",
             "key": key.name,
@@ -116,7 +142,7 @@ def build_api(gateway: Gateway) -> FastAPI:
             "requests": counts.requests,
             "daily_limit": limit,
             "remaining": max(0, limit - counts.tokens) if limit is not None else None,
-            "resets_at": f"{day}T24:00:00Z",
+            "resets_at": f"{resets.isoformat()}T00:00:00Z",
         }
 
     return api

@@ -9,6 +9,7 @@ once at start; a bad value stops the process with one line per problem.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Annotated, Literal
 
 from pydantic import AnyHttpUrl, Field, ValidationError, field_validator
@@ -39,6 +40,13 @@ class Settings(BaseSettings):
 
     gateway_host: str = "0.0.0.0"
     gateway_port: int = Field(8080, ge=0, le=65535)
+    # Where /metrics is served: its own port (the client-facing one then has none), or,
+    # unset, beside the API. Per-key labels are for operators, not clients.
+    gateway_metrics_port: int | None = Field(None, ge=0, le=65535)
+    # Request headers passed to the upstream besides the ones it needs (content type,
+    # request id, trace context): comma-separated names, a trailing `*` matches a prefix.
+    # Nothing else a client sends reaches vLLM: no credentials, cookies or addresses.
+    gateway_forward_headers: Annotated[list[str], NoDecode] = []
     # Comma-separated client keys; `name:key` gives a key a name for logs and metrics.
     gateway_api_keys: Annotated[list[str], NoDecode] = []
     # The configuration document (keys by hash, policies), reloaded when it changes.
@@ -70,11 +78,23 @@ class Settings(BaseSettings):
     quota_flush_interval_seconds: Seconds = 1.0
     # When the store is down: admit on the last known totals (false) or refuse with 503.
     quota_fail_closed: bool = False
+    # Within this fraction of a key's limit, admissions are confirmed against the shared
+    # store (one round trip) instead of the last flushed view; 0 turns that off.
+    quota_exact_margin: float = Field(0.2, ge=0, le=1)
     # Tokens reserved at admission for a request without max_tokens.
     quota_default_reserve_tokens: int = Field(1024, ge=0)
 
     # Ingress
     gateway_max_body_bytes: int = Field(8 * 1024 * 1024, gt=0)
+    # Client connections: headers must arrive within `header`, a body within `body` of
+    # its headers, an idle keep-alive connection is closed after `idle`; past
+    # `max_connections` new connections get a 503, past `max_in_flight` new requests do
+    # (shed at once, so what is admitted is served instead of everything timing out).
+    gateway_header_timeout_seconds: Seconds = 10.0
+    gateway_body_timeout_seconds: Seconds = 30.0
+    gateway_idle_timeout_seconds: Seconds = 5.0
+    gateway_max_connections: int = Field(10000, gt=0)
+    gateway_max_in_flight: int = Field(8192, gt=0)
     # Graceful shutdown: after SIGTERM, /ready fails for `delay` seconds (so load balancers
     # stop sending), then new connections are refused and in-flight requests get `drain`
     # seconds to finish.
@@ -99,7 +119,13 @@ class Settings(BaseSettings):
     enable_otlp_tracing: bool = False
     otlp_endpoint: str = "http://localhost:4318"
 
-    @field_validator("gateway_api_keys", "gateway_trusted_proxies", "vllm_urls", mode="before")
+    @field_validator(
+        "gateway_api_keys",
+        "gateway_trusted_proxies",
+        "vllm_urls",
+        "gateway_forward_headers",
+        mode="before",
+    )
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -110,6 +136,14 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("gateway_forward_headers")
+    @classmethod
+    def _header_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z0-9-]+\*?", name):
+                raise ValueError(f"{name!r} is not a header name (or a prefix ending in *)")
+        return [name.lower() for name in value]
 
     @field_validator("gateway_trusted_proxies")
     @classmethod

@@ -24,9 +24,10 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from tollgate_gateway import __version__
+from tollgate_gateway.record import Phase
 
 if TYPE_CHECKING:
-    from tollgate_gateway.exchange import Exchange
+    from tollgate_gateway.record import RequestRecord
 
 _propagator = TraceContextTextMapPropagator()
 
@@ -101,11 +102,11 @@ class RequestTrace:
             self._upstream = None
         self._last = time.time_ns()
 
-    def end(self, ex: Exchange) -> None:
+    def end(self, ex: RequestRecord) -> None:
         if self._upstream is not None:  # the call failed before response headers
             self._upstream.set_status(Status(StatusCode.ERROR))
             self.end_upstream(None)
-        if ex.response_started:
+        if ex.phase is not Phase.RECEIVING:
             self.mark("response")
         span = self.span
         span.set_attribute("http.response.status_code", ex.status)

@@ -14,6 +14,12 @@ Service's name, re-resolved every `VLLM_DNS_REFRESH_SECONDS`: replicas join and 
 without a restart). Each has its own `/health` poll and circuit breaker, and serves the
 models it lists at `/v1/models` (or those configured for it).
 
+Each request to a replica is an `Attempt`: it counts the replica's requests in flight from
+the moment it starts, and its `finish(outcome)` is the one place where the outcome of a
+request becomes the replica's accounting, its breaker's verdict, and the fate of the
+keep-alive connection. The proxy only says what happened (`Outcome`); aiohttp's types and
+exceptions stay in this module.
+
 Choosing a replica: least outstanding requests by "power of two choices" — two random
 candidates among the healthy, closed-breaker replicas serving the request's model, the one
 with fewer requests in flight wins — so a replica stuck on long generations gets fewer new
@@ -25,24 +31,70 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
 import ipaddress
 import json
 import logging
 import random
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from time import perf_counter
 
 import aiohttp
 from yarl import URL
 
+from tollgate_gateway import errors
 from tollgate_gateway.breaker import CircuitBreaker, State
+from tollgate_gateway.errors import Refusal
 from tollgate_gateway.settings import Settings
 
 log = logging.getLogger("tollgate.upstream")
 
 KEEPALIVE_SECONDS = 4.0
 PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health")
+_CLIENT_ERRORS = (aiohttp.ClientError, TimeoutError)
+
+
+class Outcome(enum.Enum):
+    """How one attempt ended, as the replica's breaker and connection pool see it."""
+
+    # The answer was read to its end (any status below 500).
+    SUCCEEDED = "succeeded"
+    # The client left (or the gateway cut the request): says nothing about the replica.
+    ABANDONED = "abandoned"
+    # Failures of the replica; each value is the upstream error metric's `kind`.
+    UNREACHABLE = "unreachable"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    STATUS_5XX = "status_5xx"
+    STREAM_BROKEN = "stream_broken"
+
+    @property
+    def is_failure(self) -> bool:
+        return self not in (Outcome.SUCCEEDED, Outcome.ABANDONED)
+
+
+class UpstreamFailure(Exception):
+    """An attempt failed; `retryable` when the replica cannot have started on it."""
+
+    def __init__(self, outcome: Outcome, detail: str, retryable: bool = False) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+        self.retryable = retryable
+
+
+def _failure(exc: BaseException, while_streaming: bool = False) -> UpstreamFailure:
+    detail = f"{type(exc).__name__}: {exc}"
+    if while_streaming:
+        return UpstreamFailure(Outcome.STREAM_BROKEN, detail)
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return UpstreamFailure(Outcome.TIMEOUT, detail)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamFailure(Outcome.UNREACHABLE, detail, retryable=True)
+    retryable = isinstance(exc, aiohttp.ServerDisconnectedError)
+    return UpstreamFailure(Outcome.ERROR, detail, retryable=retryable)
+
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
@@ -75,6 +127,87 @@ class Upstream:
         return model is None or self.models is None or model in self.models
 
 
+class Attempt:
+    """One request to one replica, from sending it to `finish`."""
+
+    __slots__ = ("_finished", "_response", "_session", "upstream", "waited")
+
+    def __init__(self, upstream: Upstream, session: aiohttp.ClientSession) -> None:
+        self.upstream = upstream
+        self._session = session
+        self._response: aiohttp.ClientResponse | None = None
+        self._finished = False
+        # Seconds spent waiting on the replica (its headers, body and stream reads).
+        self.waited = 0.0
+        upstream.inflight += 1
+        upstream.requests += 1
+
+    async def send(
+        self, path: str, body: bytes, headers: dict[str, str], limits: aiohttp.ClientTimeout
+    ) -> tuple[int, str]:
+        """POST the request; the response's status and content type (headers read)."""
+        started = perf_counter()
+        try:
+            response = await self._session.post(
+                self.upstream.url[path], data=body, headers=headers, timeout=limits
+            )
+        except _CLIENT_ERRORS as exc:
+            raise _failure(exc) from None
+        finally:
+            self.waited += perf_counter() - started
+        self._response = response
+        return response.status, response.headers.get("content-type", "application/json")
+
+    async def read(self) -> bytes:
+        """The whole body."""
+        assert self._response is not None
+        started = perf_counter()
+        try:
+            return await self._response.read()
+        except _CLIENT_ERRORS as exc:
+            raise _failure(exc) from None
+        finally:
+            self.waited += perf_counter() - started
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; a failure mid-way is `STREAM_BROKEN`."""
+        assert self._response is not None
+        content = self._response.content
+        while True:
+            started = perf_counter()
+            try:
+                data = await content.readany()
+            except _CLIENT_ERRORS as exc:
+                raise _failure(exc, while_streaming=True) from None
+            finally:
+                self.waited += perf_counter() - started
+            if not data:
+                return
+            yield data
+
+    def finish(self, outcome: Outcome) -> None:
+        """The attempt's end: replica accounting, breaker verdict and connection reuse,
+        decided here and only here. Idempotent."""
+        if self._finished:
+            return
+        self._finished = True
+        self.upstream.inflight -= 1
+        breaker = self.upstream.breaker
+        if outcome is Outcome.SUCCEEDED:
+            breaker.success()
+        elif outcome is Outcome.ABANDONED:
+            breaker.release()
+        else:
+            breaker.failure()
+        if self._response is not None:
+            # A body read to its end leaves a reusable connection; anything else may
+            # leave bytes in flight, so that connection is closed.
+            if outcome in (Outcome.SUCCEEDED, Outcome.STATUS_5XX):
+                self._response.release()
+            else:
+                self._response.close()
+
+
 class UpstreamPool:
     def __init__(
         self,
@@ -84,16 +217,19 @@ class UpstreamPool:
     ) -> None:
         self.settings = settings
         self.authorization = f"Bearer {settings.vllm_api_key}" if settings.vllm_api_key else None
+        # `connect` is left unbounded on purpose: in aiohttp it includes the wait for a free
+        # connection of the pool, which is the gateway's own queue, not the replica's
+        # failure (counting it opened breakers under the gateway's own overload).
         connect = settings.upstream_connect_timeout_seconds
         self.timeout_full = aiohttp.ClientTimeout(
             total=None,
-            connect=connect,
+            connect=None,
             sock_connect=connect,
             sock_read=settings.upstream_first_byte_timeout_seconds,
         )
         self.timeout_stream = aiohttp.ClientTimeout(
             total=None,
-            connect=connect,
+            connect=None,
             sock_connect=connect,
             sock_read=settings.upstream_stream_idle_timeout_seconds,
         )
@@ -147,6 +283,10 @@ class UpstreamPool:
         if self.session is not None:
             await self.session.close()
 
+    def attempt(self, upstream: Upstream) -> Attempt:
+        assert self.session is not None
+        return Attempt(upstream, self.session)
+
     # Choosing a replica
 
     def pick(
@@ -199,6 +339,29 @@ class UpstreamPool:
         """False only when every replica's model list is known and none has `model`."""
         return any(u.serves(model) for u in self.upstreams)
 
+    def refusal_for(self, model: str | None) -> Refusal:
+        """Why no replica can take a request for `model` now."""
+        if not self.knows_model(model):
+            return Refusal(
+                errors.MODEL_NOT_FOUND,
+                f"The model `{model}` does not exist.",
+                reason="unknown_model",
+                param="model",
+            )
+        if any(u.healthy and u.serves(model) for u in self.upstreams):
+            return Refusal(
+                errors.UNAVAILABLE,
+                "The upstream is failing; the gateway's circuit breaker is open.",
+                self.retry_after(),
+                reason="breaker",
+            )
+        return Refusal(
+            errors.NO_UPSTREAM,
+            "No healthy upstream serves this model right now.",
+            1,
+            reason="no_upstream",
+        )
+
     def retry_after(self) -> float:
         open_ones = [u.breaker.retry_after() for u in self.upstreams if not u.available()]
         return min(open_ones, default=1.0)
@@ -206,8 +369,10 @@ class UpstreamPool:
     def models(self) -> set[str]:
         return {m for u in self.upstreams if u.models for m in u.models}
 
-    def readiness_problems(self) -> list[str]:
-        """Ready while every served model (and at least one replica) is available."""
+    def problems(self) -> list[str]:
+        """What keeps requests from being served now (reported by `/ready`, which does
+        not fail on them: a gateway that answers 503 with a reason beats a Service with no
+        endpoints, and a vLLM outage must not block node drains)."""
         available = [u for u in self.upstreams if u.available()]
         if not available:
             if not self.upstreams:

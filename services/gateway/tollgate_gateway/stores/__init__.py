@@ -16,22 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-
-@dataclass(slots=True)
-class Counts:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    requests: int = 0
-
-    @property
-    def tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def add(self, other: Counts) -> None:
-        self.prompt_tokens += other.prompt_tokens
-        self.completion_tokens += other.completion_tokens
-        self.requests += other.requests
-
+from tollgate_contract.usage import Usage
 
 # A day window is (key name, "YYYY-MM-DD" in UTC); a minute window (key name, unix minute).
 DayWindow = tuple[str, str]
@@ -42,17 +27,23 @@ MinuteWindow = tuple[str, int]
 class Batch:
     replica_id: str
     seq: int
-    days: dict[DayWindow, Counts] = field(default_factory=dict)
-    minutes: dict[MinuteWindow, Counts] = field(default_factory=dict)
+    days: dict[DayWindow, Usage] = field(default_factory=dict)
+    minutes: dict[MinuteWindow, Usage] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class Totals:
-    days: dict[DayWindow, Counts] = field(default_factory=dict)
-    minutes: dict[MinuteWindow, Counts] = field(default_factory=dict)
+    days: dict[DayWindow, Usage] = field(default_factory=dict)
+    minutes: dict[MinuteWindow, Usage] = field(default_factory=dict)
+    # Replicas that flushed to the store recently, this one included.
+    replicas: int = 1
 
 
 class QuotaStore(Protocol):
+    # Whether other replicas write to this store too (then near a limit the ledger
+    # confirms admissions against it).
+    shared: bool
+
     async def start(self) -> None:
         """Connect, and create or migrate the schema (safe when replicas start at once)."""
 
@@ -62,7 +53,7 @@ class QuotaStore(Protocol):
         """Add `batch` (at most once) and return the global totals of the batch's windows
         and of the `read_*` windows. Raises on any failure; the caller retries."""
 
-    async def day_usage(self, key_name: str, day: str) -> Counts:
+    async def day_usage(self, key_name: str, day: str) -> Usage:
         """One key's global usage for one UTC day."""
 
     async def close(self) -> None: ...

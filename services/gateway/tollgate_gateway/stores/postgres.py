@@ -17,33 +17,9 @@ import datetime as dt
 
 import asyncpg
 
-from tollgate_gateway.stores import Batch, Counts, DayWindow, MinuteWindow, Totals
+from tollgate_contract.usage import DAY_USAGE_QUERY, MIGRATIONS, Usage
+from tollgate_gateway.stores import Batch, DayWindow, MinuteWindow, Totals
 
-# Applied in order, each once, recorded in tollgate_schema; never edit a released entry.
-MIGRATIONS = [
-    """
-    CREATE TABLE tollgate_usage (
-        key_name text NOT NULL,
-        day date NOT NULL,
-        prompt_tokens bigint NOT NULL DEFAULT 0,
-        completion_tokens bigint NOT NULL DEFAULT 0,
-        requests bigint NOT NULL DEFAULT 0,
-        PRIMARY KEY (key_name, day)
-    );
-    CREATE TABLE tollgate_usage_minute (
-        key_name text NOT NULL,
-        minute bigint NOT NULL,
-        tokens bigint NOT NULL DEFAULT 0,
-        requests bigint NOT NULL DEFAULT 0,
-        PRIMARY KEY (key_name, minute)
-    );
-    CREATE TABLE tollgate_flushes (
-        replica_id text PRIMARY KEY,
-        seq bigint NOT NULL,
-        updated_at timestamptz NOT NULL DEFAULT now()
-    );
-    """,
-]
 _LOCK_ID = 0x7011_6A7E  # pg_advisory_xact_lock id for schema changes
 
 _FLUSH = """
@@ -79,6 +55,9 @@ SELECT 'd', u.key_name, u.day, 0, u.prompt_tokens, u.completion_tokens, u.reques
 UNION ALL
 SELECT 'm', key_name, NULL, minute, tokens, 0, requests FROM minute_up
 UNION ALL
+SELECT 'r', NULL, NULL, 0, 0, 0, count(*) FROM tollgate_flushes
+    WHERE replica_id <> $1 AND updated_at > now() - $16 * interval '1 second'
+UNION ALL
 SELECT 'm', m.key_name, NULL, m.minute, m.tokens, 0, m.requests
     FROM tollgate_usage_minute m JOIN unnest($14::text[], $15::bigint[]) AS r(key_name, minute)
         USING (key_name, minute)
@@ -92,6 +71,11 @@ _CLEANUP_FLUSHES = "DELETE FROM tollgate_flushes WHERE updated_at < now() - inte
 
 
 class PostgresStore:
+    shared = True
+
+    # A replica that flushed within this many seconds counts as active.
+    active_seconds = 30.0
+
     def __init__(self, url: str, schema: str = "public") -> None:
         self.url = url
         self.schema = schema
@@ -150,18 +134,21 @@ class PostgresStore:
             [dt.date.fromisoformat(d) for _, d in read_days],
             [k for k, _ in read_minutes],
             [m for _, m in read_minutes],
+            self.active_seconds,
         )
         totals = Totals()
         for row in rows:
-            counts = Counts(row["prompt_tokens"], row["completion_tokens"], row["requests"])
+            counts = Usage(row["prompt_tokens"], row["completion_tokens"], row["requests"])
             if row["kind"] == "d":
                 totals.days[(row["key_name"], row["day"].isoformat())] = counts
+            elif row["kind"] == "r":
+                totals.replicas = 1 + row["requests"]
             else:
                 totals.minutes[(row["key_name"], row["minute"])] = counts
         for window in read_days:
-            totals.days.setdefault(window, Counts())
+            totals.days.setdefault(window, Usage())
         for minute_window in read_minutes:
-            totals.minutes.setdefault(minute_window, Counts())
+            totals.minutes.setdefault(minute_window, Usage())
         self._flushes += 1
         if self._flushes % 60 == 0:
             await self._cleanup(read_minutes)
@@ -174,15 +161,10 @@ class PostgresStore:
             await self._pool.execute(_CLEANUP, oldest - 5)
         await self._pool.execute(_CLEANUP_FLUSHES)
 
-    async def day_usage(self, key_name: str, day: str) -> Counts:
+    async def day_usage(self, key_name: str, day: str) -> Usage:
         assert self._pool is not None
-        row = await self._pool.fetchrow(
-            "SELECT prompt_tokens, completion_tokens, requests FROM tollgate_usage"
-            " WHERE key_name = $1 AND day = $2",
-            key_name,
-            dt.date.fromisoformat(day),
-        )
-        return Counts(*row) if row else Counts()
+        row = await self._pool.fetchrow(DAY_USAGE_QUERY, dt.date.fromisoformat(day), [key_name])
+        return Usage(row[1], row[2], row[3]) if row else Usage()
 
     async def close(self) -> None:
         if self._pool is not None:

@@ -13,7 +13,8 @@ import sqlite3
 from collections.abc import Callable
 from typing import TypeVar
 
-from tollgate_gateway.stores import Batch, Counts, DayWindow, MinuteWindow, Totals
+from tollgate_contract.usage import Usage
+from tollgate_gateway.stores import Batch, DayWindow, MinuteWindow, Totals
 
 T = TypeVar("T")
 
@@ -55,6 +56,8 @@ ON CONFLICT (key_name, minute) DO UPDATE SET
 
 
 class SqliteStore:
+    shared = False
+
     def __init__(self, path: str) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = None
@@ -101,15 +104,15 @@ class SqliteStore:
                         [(k, m, c.tokens, c.requests) for (k, m), c in batch.minutes.items()],
                     )
                 totals = Totals()
-                for window in {*batch.days, *read_days}:
-                    totals.days[window] = _read_day(db, *window)
-                for window in {*batch.minutes, *read_minutes}:
+                for day_window in {*batch.days, *read_days}:
+                    totals.days[day_window] = _read_day(db, *day_window)
+                for minute_window in {*batch.minutes, *read_minutes}:
                     got = db.execute(
                         "SELECT tokens, requests FROM tollgate_usage_minute"
                         " WHERE key_name = ? AND minute = ?",
-                        window,
+                        minute_window,
                     ).fetchone()
-                    totals.minutes[window] = Counts(got[0], 0, got[1]) if got else Counts()
+                    totals.minutes[minute_window] = Usage(got[0], 0, got[1]) if got else Usage()
                 oldest = min((m for _, m in read_minutes), default=None)
                 if oldest is not None:
                     db.execute("DELETE FROM tollgate_usage_minute WHERE minute < ?", (oldest - 5,))
@@ -121,7 +124,7 @@ class SqliteStore:
 
         return await self._run(apply)
 
-    async def day_usage(self, key_name: str, day: str) -> Counts:
+    async def day_usage(self, key_name: str, day: str) -> Usage:
         return await self._run(lambda db: _read_day(db, key_name, day))
 
     async def close(self) -> None:
@@ -130,10 +133,10 @@ class SqliteStore:
             await asyncio.to_thread(db.close)
 
 
-def _read_day(db: sqlite3.Connection, key_name: str, day: str) -> Counts:
+def _read_day(db: sqlite3.Connection, key_name: str, day: str) -> Usage:
     got = db.execute(
         "SELECT prompt_tokens, completion_tokens, requests FROM tollgate_usage"
         " WHERE key_name = ? AND day = ?",
         (key_name, day),
     ).fetchone()
-    return Counts(*got) if got else Counts()
+    return Usage(*got) if got else Usage()

@@ -6,16 +6,25 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from time import perf_counter
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from tollgate_contract.usage import Usage
 from tollgate_gateway.quota import Admission
 
-if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is on
-    from tollgate_gateway.tracing import RequestTrace
-
-
 CLIENT_CLOSED_REQUEST = 499
+
+
+class RequestTrace(Protocol):
+    """What the request path does with a request's trace (`tracing.RequestTrace`, only
+    when tracing is on): named here so this module needs no OpenTelemetry."""
+
+    def mark(self, name: str) -> None: ...
+
+    def start_upstream(self, url: str, headers: dict[str, str]) -> None: ...
+
+    def end_upstream(self, status: int | None) -> None: ...
+
+    def end(self, record: RequestRecord) -> None: ...
 
 
 class Phase(enum.Enum):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -24,10 +23,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from tollgate_gateway import __version__
-from tollgate_gateway.record import Phase
-
-if TYPE_CHECKING:
-    from tollgate_gateway.record import RequestRecord
+from tollgate_gateway.record import Phase, RequestRecord
 
 _propagator = TraceContextTextMapPropagator()
 

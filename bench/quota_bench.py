@@ -27,7 +27,7 @@ import asyncpg
 import psutil
 from gateway_bench import BIN, CHAT, KEY, free_port, gateway_process, measure, wait_http
 
-from tollgate_gateway.keys import key_hash
+from tollgate_contract.keys import key_hash
 
 
 async def _commits(url: str) -> int:

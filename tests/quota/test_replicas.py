@@ -86,6 +86,7 @@ def test_three_replicas_enforce_one_daily_quota_and_lose_nothing(
     # only what the other replicas have in flight (12 workers, each at most a prompt plus
     # 60 tokens); and the quota is used up to within one request's reservation.
     in_flight = 12 * (5 + 60)
+    print(f"daily quota {LIMIT}: {reported} tokens used in {elapsed:.1f} s")
     assert LIMIT - in_flight <= reported <= LIMIT + in_flight, (reported, elapsed)
 
 
@@ -131,6 +132,7 @@ def test_requests_per_minute_hold_across_replicas(pg, make_sim, make_gateway, tm
             await asyncio.gather(*(worker(i, client) for i in range(workers)))
 
     asyncio.run(traffic())
+    print(f"rpm 60 across 3 replicas for {seconds:.0f} s: {admitted} admitted")
     assert 60 <= admitted <= 60 * (1 + seconds / 60) + workers, admitted
     assert sim.stats()["requests"] == admitted
 

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from tollgate_gateway.keys import key_hash
+from tollgate_contract.keys import key_hash
 
 _counter = itertools.count()
 

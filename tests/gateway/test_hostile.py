@@ -391,3 +391,13 @@ def test_usage_is_read_and_stripped_in_spaced_json(make_sim, make_gateway) -> No
     )
     assert r.status_code == 200
     assert gw.request_log("spaced-2")["completion_tokens"] == 3
+
+
+def test_every_answer_carries_a_request_id(gateway: Gateway) -> None:
+    for method, path in (("GET", "/health"), ("GET", "/ready"), ("GET", "/v1/models"),
+                         ("GET", "/nope"), ("GET", "/v1/chat/completions"),
+                         ("POST", "/v1/chat/completions")):  # fmt: skip
+        r = httpx.request(method, gateway.url + path, headers={"x-request-id": "rid-7"})
+        assert r.headers["x-request-id"] == "rid-7", path
+        if r.status_code >= 400:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}, path

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from tollgate_gateway import errors
-from tollgate_gateway.asgi import Receive, Scope, Send, send_refusal
+from tollgate_gateway.asgi import Receive, Scope, Send, request_id_for, send_refusal
 from tollgate_gateway.config_secret import SecretWatcher
 from tollgate_gateway.config_watch import ConfigWatcher, env_policy
 from tollgate_gateway.errors import Refusal
@@ -126,7 +126,8 @@ class Gateway:
                 refusal = Refusal(
                     errors.METHOD_NOT_ALLOWED, "Use POST.", headers=[(b"allow", b"POST")]
                 )
-                await send_refusal(send, refusal)
+                presented = dict(scope["headers"]).get(b"x-request-id")
+                await send_refusal(send, refusal, request_id_for(presented))
             return
         await self.api(scope, receive, send)
 

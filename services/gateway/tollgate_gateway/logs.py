@@ -49,7 +49,7 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # uvicorn's own loggers propagate to ours; its access log is replaced by request_log.
+    # uvicorn's own loggers propagate to ours; its access log is replaced by AccessLog.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True

@@ -9,6 +9,7 @@ import struct
 import wave
 from collections.abc import Callable
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -118,7 +119,6 @@ def test_responses_json_stream_retrieve_and_cancel(start: Callable[..., Sim]) ->
 
 
 def test_messages_with_the_anthropic_sdk(start: Callable[..., Sim]) -> None:
-    anthropic = pytest.importorskip("anthropic")  # a dev dependency
     sim = start()
     client = anthropic.Anthropic(base_url=sim.url, api_key="x", max_retries=0)
     message = client.messages.create(

@@ -23,6 +23,7 @@ import logging
 import os
 import ssl
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -135,7 +136,7 @@ class SecretWatcher:
                 if kind in ("ADDED", "MODIFIED") and metadata.get("name") == self.name:
                     self._apply(obj)
 
-    def _apply(self, secret: dict) -> None:
+    def _apply(self, secret: dict[str, Any]) -> None:
         raw = (secret.get("data") or {}).get(DATA_KEY)
         if raw is None:
             return

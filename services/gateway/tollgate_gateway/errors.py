@@ -86,7 +86,9 @@ class Refusal(Exception):
         self.param = param
         self.headers = list(headers or [])
         if retry_after is not None:
-            self.headers.append((b"retry-after", b"%d" % max(1, math.ceil(retry_after))))
+            # (less a hair, so that 10.000000001 s of float arithmetic says 10)
+            seconds = max(1, math.ceil(retry_after - 1e-6))
+            self.headers.append((b"retry-after", b"%d" % seconds))
 
 
 def response_parts(

@@ -242,7 +242,7 @@ class QuotaLedger:
         unseen_minute = self._unflushed((name, minute), _MINUTES)
         if rpm is not None:
             wanted = cur.requests + requests
-            wait = _sliding_wait(prev.requests, wanted, rpm, frac)
+            wait = _sliding_wait(prev.requests, wanted, rpm, frac, requests)
             if wait > 0:
                 raise Refusal(
                     errors.RATE_LIMITED,
@@ -254,7 +254,7 @@ class QuotaLedger:
             near = near or seen > rpm * (1 - self.exact_margin)
         if tpm is not None:
             wanted = cur.tokens + reserved + tokens
-            wait = _sliding_wait(prev.tokens, wanted, tpm, frac)
+            wait = _sliding_wait(prev.tokens, wanted, tpm, frac, tokens)
             if wait > 0:
                 raise Refusal(
                     errors.RATE_LIMITED,
@@ -419,14 +419,18 @@ def _MINUTES(batch: Batch) -> dict[Any, Usage]:
     return batch.minutes
 
 
-def _sliding_wait(prev: float, cur: float, limit: float, frac: float) -> float:
-    """Seconds until `prev * (1 - f) + cur <= limit`, `f` being how far into the current
-    minute we are (now `frac`); 0 when it already holds."""
+def _sliding_wait(prev: float, cur: float, limit: float, frac: float, own: float) -> float:
+    """Seconds until `prev * (1 - f) + cur <= limit` holds for a request adding `own` (in
+    `cur`), `f` being how far into the current minute we are (now `frac`); 0 when it
+    already holds."""
     if prev * (1 - frac) + cur <= limit:
         return 0.0
     if cur <= limit:
         # The previous minute's share decays linearly over this minute.
         f = 1 - (limit - cur) / prev
         return max(0.0, (f - frac) * 60)
-    # This minute alone is over: wait until it has become the previous one and decayed.
-    return (1 - frac) * 60 + (1 - limit / cur) * 60
+    # This minute alone is over: wait for the next one, where this minute (without the
+    # refused request, which is not counted) is the previous one and decays.
+    before = cur - own
+    f = 1 - (limit - own) / before if before > 0 else 0.0
+    return (1 - frac) * 60 + max(0.0, f) * 60

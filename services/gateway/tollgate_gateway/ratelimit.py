@@ -13,33 +13,47 @@ import ipaddress
 import time
 from collections.abc import Callable, Iterable
 
+# How often the table is swept of clients back at a full burst.
+SWEEP_SECONDS = 10
+
 
 class Gcra:
+    """Times are integer microseconds. In float seconds at a clock's usual size (1e5 s of
+    uptime, 1.8e9 s since the epoch) `tat - now` picks up rounding error, and a burst's
+    last request, due exactly at the tolerance, was refused by a few nanoseconds. A clock
+    reading in microseconds is exact below 9e9 s (2**53 µs), and cheap."""
+
     def __init__(
         self, rate_per_second: float, burst: int, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self.interval = 1.0 / rate_per_second
-        self.tolerance = self.interval * (max(1, burst) - 1)
+        self._interval = max(1, round(1e6 / rate_per_second))
+        self._tolerance = self._interval * (max(1, burst) - 1)
         self._clock = clock
-        self._tat: dict[str, float] = {}
-        self._next_sweep = 0.0
+        self._tat: dict[str, int] = {}
+        self._next_sweep = 0
+
+    @property
+    def clients(self) -> int:
+        """Clients in the table: those not yet back at a full burst, and the idle ones
+        the next sweep drops."""
+        return len(self._tat)
 
     def check(self, client: str) -> float:
         """0 if allowed (and counted), else the seconds until the client may retry."""
-        now = self._clock()
+        now = round(self._clock() * 1e6)
         tat = self._tat.get(client, now)
         if tat < now:
             tat = now
-        if tat - now > self.tolerance:
-            return tat - self.tolerance - now
-        self._tat[client] = tat + self.interval
+        if tat - now > self._tolerance:
+            return (tat - self._tolerance - now) / 1e6
+        self._tat[client] = tat + self._interval
         if now >= self._next_sweep:
             self._sweep(now)
         return 0.0
 
-    def _sweep(self, now: float) -> None:
+    def _sweep(self, now: int) -> None:
         self._tat = {c: t for c, t in self._tat.items() if t > now}
-        self._next_sweep = now + 10.0
+        self._next_sweep = now + SWEEP_SECONDS * 1_000_000
 
 
 class ClientAddress:

@@ -5,15 +5,18 @@ The bytes go to the client as they came; the watcher only needs event boundaries
 stream that breaks), read the usage chunk, and remove that chunk when the gateway asked
 for it and the client did not. A partial event is held back until its end arrives, so a
 usage chunk split across reads can still be removed; whole events pass at once.
+
+Per read the cost is three scans in C (the last boundary, the event count, the last
+`"usage"`) and, only in the read that holds the usage key, one event parsed (and cut out,
+one copy). Other events are never split, parsed or copied.
 """
 
 from __future__ import annotations
 
 import json
 
-from tollgate_gateway.usage import Usage, parse_usage
+from tollgate_gateway.usage import USAGE_KEY, Usage, parse_usage
 
-_USAGE_MARK = b'"usage":{'
 _DONE = b"data: [DONE]\n\n"
 
 
@@ -23,7 +26,7 @@ class StreamTap:
     def __init__(self, strip_usage: bool) -> None:
         self.strip_usage = strip_usage
         self.usage: Usage | None = None
-        self.chunks = 0  # data events other than the usage chunk and [DONE]
+        self.chunks = 0  # events other than the usage chunk and [DONE]
         self.done = False
         self._held = b""
 
@@ -41,8 +44,9 @@ class StreamTap:
             self._held = data[end:]
             data = data[:end]
         events = data.count(b"\n\n")
-        if _USAGE_MARK in data:
-            data, events = self._take_usage(data, events)
+        at = data.rfind(b'"usage"')
+        if at >= 0:
+            data, events = self._take_usage(data, at, events)
         if data.endswith(_DONE):
             self.done = True
             events -= 1
@@ -54,22 +58,39 @@ class StreamTap:
         held, self._held = self._held, b""
         return held
 
-    def _take_usage(self, data: bytes, events: int) -> tuple[bytes, int]:
-        kept = []
-        for event in data.split(b"\n\n")[:-1]:
-            if _USAGE_MARK in event and event.startswith(b"data: "):
-                try:
-                    chunk = json.loads(event[6:])
-                except ValueError:
-                    chunk = None
-                if isinstance(chunk, dict):
-                    usage = parse_usage(chunk.get("usage"))
-                    if usage is not None:
-                        self.usage = usage
-                    if chunk.get("choices") == []:
-                        # The usage chunk proper: never counted as content.
-                        events -= 1
-                        if self.strip_usage:
-                            continue
-            kept.append(event + b"\n\n")
-        return b"".join(kept), events
+    def _take_usage(self, data: bytes, at: int, events: int) -> tuple[bytes, int]:
+        """Read the usage of the event holding the last usage key (at or before `at`, the
+        last `"usage"`); drop that event from the count if it is the usage chunk proper
+        (`choices: []`), and from `data` too if the client did not ask for it.
+
+        The usage chunk is the last event before [DONE], and the newest of vLLM's
+        continuous usage stats is in the last event, so the last `"usage"` is nearly always
+        the one; only when it is not a usage object (OpenAI's `"usage": null` in content
+        chunks) are the bytes before it searched, once, in C.
+        """
+        if USAGE_KEY.match(data, at) is None:
+            found = None
+            for found in USAGE_KEY.finditer(data, 0, at):  # noqa: B007 (the last one)
+                pass
+            if found is None:
+                return data, events
+            at = found.start()
+        boundary = data.rfind(b"\n\n", 0, at)
+        start = boundary + 2 if boundary >= 0 else 0  # the event's
+        line = max(start, data.rfind(b"\n", start, at) + 1)  # its `data:` line
+        if not data.startswith(b"data:", line):
+            return data, events
+        try:
+            chunk = json.loads(data[line + 5 : data.index(b"\n", at)])
+        except ValueError:
+            return data, events
+        if not isinstance(chunk, dict):
+            return data, events
+        usage = parse_usage(chunk.get("usage"))
+        if usage is not None:
+            self.usage = usage
+        if chunk.get("choices") != []:
+            return data, events  # content (vLLM's continuous usage stats): never removed
+        if self.strip_usage:
+            data = data[:start] + data[data.index(b"\n\n", at) + 2 :]
+        return data, events - 1

@@ -294,6 +294,8 @@ class UpstreamPool:
     ) -> Upstream | None:
         """A replica for a request, or None if no available replica serves `model`."""
         upstreams = self.upstreams
+        if not upstreams:  # DNS discovery before its first answer
+            return None
         if len(upstreams) == 1:  # the common single-URL case: no sampling
             only = upstreams[0]
             if only is not exclude and only.available() and only.serves(model):
@@ -352,7 +354,7 @@ class UpstreamPool:
             return Refusal(
                 errors.UNAVAILABLE,
                 "The upstream is failing; the gateway's circuit breaker is open.",
-                self.retry_after(),
+                self.retry_after(model),
                 reason="breaker",
             )
         return Refusal(
@@ -362,8 +364,14 @@ class UpstreamPool:
             reason="no_upstream",
         )
 
-    def retry_after(self) -> float:
-        open_ones = [u.breaker.retry_after() for u in self.upstreams if not u.available()]
+    def retry_after(self, model: str | None = None) -> float:
+        """When the first open breaker of a healthy replica serving `model` lets a probe
+        through (an unhealthy replica's closed breaker says nothing about that)."""
+        open_ones = [
+            u.breaker.retry_after()
+            for u in self.upstreams
+            if u.healthy and u.serves(model) and u.breaker.state is State.OPEN
+        ]
         return min(open_ones, default=1.0)
 
     def models(self) -> set[str]:

@@ -4,55 +4,65 @@ vLLM reports `usage` in a non-stream response and, for a stream that asked for i
 (`stream_options.include_usage`, which the gateway turns on), in a last chunk with
 `choices: []`. A stream that breaks before that chunk has no usage: its completion tokens
 are estimated by the content chunks it streamed (vLLM sends one per token), and its prompt
-tokens from the request's size, so usage is never lost, only marked inexact.
+tokens from the request's size, so usage is never lost, only marked inexact (by the
+request's record). The type is the contract's `Usage`, the one the quota ledger, its
+stores and the record already count in; a request's usage is one request.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import re
+from typing import TypeGuard
+
+from tollgate_contract.usage import Usage
 
 _decoder = json.JSONDecoder()
+# The `usage` key with an object for its value, in any JSON spacing (vLLM writes
+# `"usage":{`, json.dumps and LiteLLM `"usage": {`). Inside a JSON string its quotes are
+# escaped, so it matches only a key: `usage` itself, or (rarely) a key ending in `\"usage`,
+# which the caller rules out by reading the object it finds.
+USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{')
 # Bytes per prompt token assumed when the upstream never said (a broken stream).
 BYTES_PER_TOKEN_ESTIMATE = 4
 
 
-@dataclass(slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    # True when the numbers are the upstream's own; False when estimated.
-    exact: bool = True
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
+__all__ = ["USAGE_KEY", "Usage", "estimate_prompt_tokens", "parse_usage", "usage_from_body"]
 
 
 def parse_usage(obj: object) -> Usage | None:
+    """An OpenAI `usage` object's token counts, if it has both (as counts: not negative,
+    not booleans, which JSON's `true` would pass as an int)."""
     if not isinstance(obj, dict):
         return None
     prompt, completion = obj.get("prompt_tokens"), obj.get("completion_tokens")
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return Usage(prompt, completion)
+    if _count(prompt) and _count(completion):
+        return Usage(prompt, completion, 1)
+    return None
+
+
+def _count(value: object) -> TypeGuard[int]:
+    return type(value) is int and value >= 0
 
 
 def usage_from_body(body: bytes) -> Usage | None:
     """The top-level `usage` of a response, read without parsing the whole body.
 
-    `"usage":` with bare quotes cannot occur inside a JSON string (its quotes would be
-    escaped), and vLLM puts the top-level usage after the choices, so the last one found
-    is the response's.
+    vLLM puts the top-level usage after the choices, so the last `usage` key is tried
+    first; an earlier one is tried only if that is not a usage object (a logprobs key
+    ending in `"usage`, say). Only the usage object itself is decoded.
     """
-    at = body.rfind(b'"usage":')
-    if at < 0:
-        return None
-    try:
-        obj, _ = _decoder.raw_decode(body[at + 8 :].decode().lstrip())
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return parse_usage(obj)
+    for found in reversed(list(USAGE_KEY.finditer(body))):
+        start = found.end() - 1  # the `{`
+        try:
+            # errors="replace": usage is ASCII; a bad byte elsewhere must not hide it.
+            obj, _ = _decoder.raw_decode(body[start:].decode(errors="replace"))
+        except ValueError:
+            continue
+        usage = parse_usage(obj)
+        if usage is not None:
+            return usage
+    return None
 
 
 def estimate_prompt_tokens(body: bytes) -> int:

@@ -1,12 +1,17 @@
 """GPU exporter benchmark: 8 simulated GPUs, figures printed, nothing asserted.
 
-Runs the real exporter process twice: over the C stand-in libnvidia-ml (built here from
+Runs the real exporter process over the C stand-in libnvidia-ml (built here from
 tests/exporter/fake_nvml/fake_nvml.c, so the real pynvml/ctypes path is measured) with a
-kubelet pod-resources gRPC server attached, and over the pure-Python `--fake-gpus 8`. For each:
-scrape latency (keep-alive and new connection), collect duration, CPU per collect and per
-scrape (from /proc via psutil), and RSS.
+kubelet pod-resources gRPC server attached, the same with `--format both` (native and
+dcgm-compatible renderings), and over the pure-Python `--fake-gpus 8`. For each: scrape
+latency (one keep-alive client, 20 concurrent keep-alive clients like 20 Prometheus servers,
+and a new connection each time), snapshot duration (gather + render, as the exporter reports
+it), one GPU's NVML round, CPU per collect and per scrape (from /proc via psutil), and RSS.
 
     .venv/bin/python bench/exporter_bench.py [--scrapes 2000] [--idle-seconds 10]
+
+To measure another version of the exporter with the same bench, put its package first:
+`PYTHONPATH=<checkout>/services/gpu-exporter .venv/bin/python bench/exporter_bench.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -91,8 +97,35 @@ def free_port() -> int:
 
 
 def metric(body: str, name: str) -> float:
-    m = re.search(rf"^{name} (\S+)$", body, re.M)
+    m = re.search(rf"^{name}(?:{{[^}}]*}})? (\S+)$", body, re.M)
     return float(m.group(1)) if m else float("nan")
+
+
+def concurrent_scrapes(port: int, clients: int, per_client: int) -> list[float]:
+    """`clients` keep-alive connections scraping back to back at once; all latencies."""
+    lat: list[float] = []
+    lock = threading.Lock()
+    start = threading.Barrier(clients)
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        mine = []
+        start.wait()
+        for _ in range(per_client):
+            t = time.perf_counter()
+            conn.request("GET", "/metrics", headers={"Accept-Encoding": "gzip"})
+            conn.getresponse().read()
+            mine.append(time.perf_counter() - t)
+        conn.close()
+        with lock:
+            lat.extend(mine)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return lat
 
 
 def pct(values: list[float], q: float) -> float:
@@ -127,12 +160,14 @@ def run(label: str, args: list[str], env: dict[str, str], scrapes: int, idle: fl
         # idle: collects only
         cpu0, c0 = ps.cpu_times(), metric(body, "gpu_exporter_collects_total")
         durations = []
+        gpu_rounds = []
         end = time.monotonic() + idle
         while time.monotonic() < end:
             time.sleep(0.5)
             conn.request("GET", "/metrics")
             body = conn.getresponse().read().decode()
             durations.append(metric(body, "gpu_exporter_collect_duration_seconds"))
+            gpu_rounds.append(metric(body, "gpu_exporter_gpu_collect_duration_seconds"))
         cpu1, c1 = ps.cpu_times(), metric(body, "gpu_exporter_collects_total")
         idle_cpu = (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)
         # the ~2 scrapes/s taken above cost far less than a collect; see per-scrape CPU below
@@ -150,6 +185,12 @@ def run(label: str, args: list[str], env: dict[str, str], scrapes: int, idle: fl
             lat.append(time.perf_counter() - t)
         cpu1 = ps.cpu_times()
         cpu_per_scrape = ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / scrapes
+        # 20 concurrent keep-alive scrapers (gzip, as Prometheus asks)
+        per_client = max(1, scrapes // 20)
+        cpu0 = ps.cpu_times()
+        lat20 = concurrent_scrapes(port, 20, per_client)
+        cpu1 = ps.cpu_times()
+        cpu_per_scrape20 = ((cpu1.user + cpu1.system) - (cpu0.user + cpu0.system)) / len(lat20)
         # scrape latency, a new connection each time (as with keep-alive off)
         lat_new = []
         for _ in range(max(1, scrapes // 4)):
@@ -168,8 +209,12 @@ def run(label: str, args: list[str], env: dict[str, str], scrapes: int, idle: fl
             "p99": pct(lat, 0.99) * 1e3,
             "p50_new": statistics.median(lat_new) * 1e3,
             "p99_new": pct(lat_new, 0.99) * 1e3,
+            "p50_20": statistics.median(lat20) * 1e3,
+            "p99_20": pct(lat20, 0.99) * 1e3,
+            "cpu_scrape20_ms": cpu_per_scrape20 * 1e3,
             "collect_ms": statistics.median(durations) * 1e3,
             "collect_p99_ms": pct(durations, 0.99) * 1e3,
+            "gpu_round_ms": statistics.median(gpu_rounds) * 1e3,
             "cpu_collect_ms": cpu_per_collect * 1e3,
             "cpu_scrape_ms": cpu_per_scrape * 1e3,
             "rss_idle": rss_idle / 2**20,
@@ -184,6 +229,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scrapes", type=int, default=2000)
     ap.add_argument("--idle-seconds", type=float, default=10.0)
+    ap.add_argument(
+        "--no-dcgm", dest="dcgm", action="store_false", help="skip the --format both run"
+    )
     opts = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,6 +252,16 @@ def main() -> None:
                     opts.idle_seconds,
                 )
             )
+            if opts.dcgm:
+                results.append(
+                    run(
+                        "C stand-in NVML, 8 GPUs, pod-resources on, --format both",
+                        ["--pod-resources-socket", str(sock), "--format", "both"],
+                        env,
+                        opts.scrapes,
+                        opts.idle_seconds,
+                    )
+                )
         finally:
             kubelet.stop(None)
             sock.unlink(missing_ok=True)
@@ -221,8 +279,12 @@ def main() -> None:
         print(f"\n## {r['label']}")
         print(f"exposition: {r['series']} series, {r['bytes']} bytes")
         print(f"scrape latency keep-alive:  p50 {r['p50']:.2f} ms  p99 {r['p99']:.2f} ms")
+        print(f"scrape latency 20 concurrent keep-alive+gzip: p50 {r['p50_20']:.2f} ms  "
+              f"p99 {r['p99_20']:.2f} ms  CPU/scrape {r['cpu_scrape20_ms']:.3f} ms")  # fmt: skip
         print(f"scrape latency new conn+gzip: p50 {r['p50_new']:.2f} ms  p99 {r['p99_new']:.2f} ms")
-        print(f"collect duration: p50 {r['collect_ms']:.2f} ms  p99 {r['collect_p99_ms']:.2f} ms")
+        print(f"snapshot (self-reported collect) duration: p50 {r['collect_ms']:.2f} ms  "
+              f"p99 {r['collect_p99_ms']:.2f} ms; one GPU's NVML round: "
+              f"{r['gpu_round_ms']:.2f} ms")  # fmt: skip
         print(f"CPU per collect: {r['cpu_collect_ms']:.2f} ms   CPU per scrape: "
               f"{r['cpu_scrape_ms']:.3f} ms")  # fmt: skip
         print(f"RSS: {r['rss_idle']:.1f} MiB idle, {r['rss_after']:.1f} MiB after scrapes")

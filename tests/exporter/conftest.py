@@ -28,16 +28,15 @@ GIB = 1 << 30
 
 
 # --- the stand-in NVML library --------------------------------------------------------------
-@pytest.fixture(scope="session")
-def fake_nvml_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Compile fake_nvml.c into a directory that LD_LIBRARY_PATH can point at."""
+def build_fake_nvml(out: Path, *defines: str) -> Path:
+    """Compile fake_nvml.c into `out`, a directory LD_LIBRARY_PATH can point at."""
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
         pytest.fail("gcc is required to build the stand-in libnvidia-ml.so.1 (apt-get install gcc)")
-    out = tmp_path_factory.mktemp("fake-nvml")
     subprocess.run(
         [
             gcc,
+            *defines,
             "-shared",
             "-fPIC",
             "-O1",
@@ -52,6 +51,17 @@ def fake_nvml_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         check=True,
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def fake_nvml_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_fake_nvml(tmp_path_factory.mktemp("fake-nvml"))
+
+
+@pytest.fixture(scope="session")
+def old_driver_nvml_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The stand-in as an older driver: no nvmlDeviceGetTemperatureV, no memory v2."""
+    return build_fake_nvml(tmp_path_factory.mktemp("fake-nvml-old"), "-DOLD_DRIVER")
 
 
 def h100(index: int = 0, **over: Any) -> dict[str, Any]:
@@ -183,8 +193,11 @@ class Scrape:
 
     @classmethod
     def parse(cls, text: str) -> Scrape:
+        """Samples under the names on the wire: prometheus_client's parser appends `_total`
+        to a counter whose name lacks it (dcgm-exporter's), which Prometheus does not."""
+        on_wire = {line.split("{", 1)[0].split(" ", 1)[0] for line in text.splitlines()}
         samples = [
-            (s.name, dict(s.labels), s.value)
+            (_wire_name(s.name, on_wire), dict(s.labels), s.value)
             for fam in text_string_to_metric_families(text)
             for s in fam.samples
         ]
@@ -204,6 +217,15 @@ class Scrape:
 
     def has(self, name: str, **labels: str) -> bool:
         return bool(self.find(name, **labels))
+
+    def get(self, name: str, default: float | None = None, **labels: str) -> float | None:
+        """The one matching sample's value, or `default` when there is none: for polling."""
+        found = self.find(name, **labels)
+        return found[0][1] if len(found) == 1 else default
+
+
+def _wire_name(name: str, on_wire: set[str]) -> str:
+    return name if name in on_wire else name.removesuffix("_total")
 
 
 def free_port() -> int:
@@ -247,25 +269,32 @@ class Exporter:
         except urllib.error.HTTPError as exc:
             return exc.code, dict(exc.headers), exc.read()
 
-    def scrape(self) -> Scrape:
-        status, headers, body = self.get("/metrics")
+    def scrape(self, path: str = "/metrics") -> Scrape:
+        status, headers, body = self.get(path)
         assert status == 200, body
         assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
         return Scrape.parse(body.decode())
 
-    def wait_for(self, check: Callable[[Scrape], bool], timeout: float = 10.0) -> Scrape:
-        """Poll scrapes until `check` holds; fails with the last scrape and the log."""
+    def wait_for(
+        self,
+        check: Callable[[Scrape], bool],
+        timeout: float = 10.0,
+        path: str = "/metrics",
+        what: str = "",
+    ) -> Scrape:
+        """Poll scrapes until `check` holds; fails saying what it waited for, with the last
+        scrape and the log."""
         deadline = time.monotonic() + timeout
         last: Scrape | None = None
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"exporter exited:\n{self.logs()}"
             with contextlib.suppress(OSError):
-                last = self.scrape()
+                last = self.scrape(path)
                 if check(last):
                     return last
             time.sleep(0.05)
         pytest.fail(
-            f"condition not met in {timeout}s\n--- last scrape ---\n"
+            f"{what or 'condition'} not met in {timeout}s\n--- last scrape ---\n"
             f"{last.text if last else None}\n--- log ---\n{self.logs()}"
         )
 
@@ -380,7 +409,14 @@ class Kubelet:
         self.server.add_insecure_port(f"unix://{socket_path}")
         self.server.start()
 
-    def pod(self, namespace: str, name: str, containers: dict[str, list[str]]) -> None:
+    def pod(
+        self,
+        namespace: str,
+        name: str,
+        containers: dict[str, list[str]],
+        resource: str = "nvidia.com/gpu",
+    ) -> None:
+        """A pod whose containers hold `resource` devices (plus a NIC whose id is "0")."""
         pb = self.pb
         self.pods.append(
             pb.PodResources(
@@ -391,7 +427,7 @@ class Kubelet:
                         name=cname,
                         devices=[
                             pb.ContainerDevices(
-                                resource_name="nvidia.com/gpu",
+                                resource_name=resource,
                                 device_ids=ids,
                                 topology=pb.TopologyInfo(nodes=[pb.NUMANode(ID=0)]),
                             ),

@@ -18,6 +18,7 @@ from tollgate_exporter.exposition import SampleSet
 from tollgate_exporter.fake import FakeBinding
 from tollgate_exporter.nvml import Nvml
 from tollgate_exporter.podresources import build_map, decode_list_response, normalize_device_id
+from tollgate_exporter.procinfo import parse_cgroup
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,15 +60,31 @@ def test_hand_decoder_matches_protobuf(podresources_pb: tuple[Any, Any], pods: l
             for name, ns, containers in pods
         ]
     )
-    expected = [(ns, name, cname, ids) for name, ns, cs in pods for cname, ids in cs]
+    expected = [
+        (ns, name, cname, [("nvidia.com/gpu", i) for i in ids])
+        for name, ns, cs in pods
+        for cname, ids in cs
+    ]
     assert decode_list_response(msg.SerializeToString()) == expected
 
 
 def test_device_id_normalisation() -> None:
-    assert normalize_device_id("GPU-abc::7") == "GPU-abc"
-    assert normalize_device_id("MIG-abc-def") == "MIG-abc-def"
-    assert normalize_device_id("MIG-GPU-0a1b-2c/3/0") == "GPU-0a1b-2c/3/0"
-    assert build_map([("ns", "p", "c", ["GPU-x::1", "GPU-x::2"])]) == {"GPU-x": [("ns", "p", "c")]}
+    gpu = "nvidia.com/gpu"
+    assert normalize_device_id(gpu, "GPU-abc::7") == "GPU-abc"
+    assert normalize_device_id("nvidia.com/mig-1g.10gb", "MIG-abc-def") == "MIG-abc-def"
+    assert normalize_device_id("nvidia.com/mig-3g.40gb", "MIG-GPU-0a1b-2c/3/0") == (
+        "GPU-0a1b-2c/3/0"
+    )
+    # the device plugin's index ids, GKE's nvidiaN, a renamed shared resource
+    assert normalize_device_id(gpu, "3") == "index:3"
+    assert normalize_device_id(gpu, "3::1") == "index:3"
+    assert normalize_device_id(gpu, "nvidia4") == "index:4"
+    assert normalize_device_id("nvidia.com/gpu.shared", "GPU-abc::2") == "GPU-abc"
+    # another vendor's device "0" is not GPU 0
+    assert normalize_device_id("example.com/nic", "0") is None
+    assert normalize_device_id("amd.com/gpu", "GPU-abc") is None
+    devices = [(gpu, "GPU-x::1"), (gpu, "GPU-x::2"), ("example.com/nic", "0")]
+    assert build_map([("ns", "p", "c", devices)]) == {"GPU-x": [("ns", "p", "c")]}
 
 
 def test_exposition_escaping_and_undeclared_names() -> None:
@@ -87,9 +104,6 @@ def test_a_failing_probe_costs_only_its_samples(monkeypatch: pytest.MonkeyPatch)
         yield  # pragma: no cover
 
     monkeypatch.setattr(probes, "PROBES", (("broken", broken), *probes.PROBES))
-    import tollgate_exporter.collector as collector_mod
-
-    monkeypatch.setattr(collector_mod, "PROBES", probes.PROBES)
     c = Collector(Nvml(FakeBinding(2)), node="n1")
     try:
         c.collect_once()
@@ -115,3 +129,18 @@ def test_fake_gpus_mode_over_http(start_exporter) -> None:
     assert len({lab["uuid"] for lab, _ in s.find("gpu_info")}) == 8
     for _, v in s.find("gpu_temperature_celsius"):
         assert 30 <= v <= 80
+
+
+def test_pod_of_a_process_from_its_cgroup() -> None:
+    """The kubelet's two cgroup layouts (systemd and cgroupfs drivers, v2 and v1)."""
+    uid = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"
+    cid = "ab" * 32
+    systemd = (
+        "0::/kubepods.slice/kubepods-burstable.slice/"
+        f"kubepods-burstable-pod{uid.replace('-', '_')}.slice/cri-containerd-{cid}.scope\n"
+    )
+    cgroupfs = f"12:memory:/kubepods/besteffort/pod{uid}/{cid}\n11:cpu:/kubepods\n"
+    for text in (systemd, cgroupfs):
+        assert parse_cgroup(text) == {"pod_uid": uid, "container_id": cid}, text
+    assert parse_cgroup("0::/user.slice/user-1000.slice/session-3.scope\n") == {}
+    assert parse_cgroup("4:memory:/process_api/de34822264d7d56b0f1bd7dbc1013641\n") == {}

@@ -32,6 +32,10 @@ REQUIRED_ALERTS = {
     "GPUXidError",
     "GPUUncorrectableECCErrors",
     "GPUExporterNVMLDown",
+    "GPUExporterCollectStale",
+    "GPUExporterGPUStale",
+    "GPUExporterNVMLStuck",
+    "GPUExporterAbsent",
 }
 # Alerts whose promtool unit tests must show them firing on a failing series and staying
 # silent on healthy ones.
@@ -40,6 +44,9 @@ UNIT_TESTED = {
     "TollgateCircuitBreakerOpen",
     "TollgateQuotaStoreDown",
     "GPUHot",
+    "GPUExporterGPUStale",
+    "GPUExporterNVMLStuck",
+    "GPUExporterAbsent",
 }
 
 

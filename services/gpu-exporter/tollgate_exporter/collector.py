@@ -1,58 +1,49 @@
-"""The background sampler: one NVML session, read on a schedule into a pre-rendered snapshot.
+"""The snapshot maker: ticks every GPU's worker, gathers what they read, renders it once.
 
 Scrapes never call NVML or the kubelet. They read `Collector.snapshot`, an immutable object
-replaced whole after each collect (a single reference assignment, atomic under the GIL), so a
-hung driver call makes the data stale, visibly, via `gpu_exporter_last_collect_timestamp_seconds`
-instead of making Prometheus time out.
+replaced whole after each collect (a single reference assignment, atomic under the GIL). The
+collector itself never calls NVML either: the session thread and the per-GPU workers do, so
+a hung call freezes one GPU (marked in `gpu_exporter_gpu_stale`, its readings withheld) or
+the session (`gpu_exporter_nvml_session_stuck`), while the self-metrics keep being served.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
+from . import dcgm
+from .attribution import PodMap, gpu_owners, mig_owners, owner_labels, with_owner
 from .exposition import SampleSet, gzip_bytes
-from .nvml import GpuLost, Lifecycle, NotSupported, Nvml, NvmlError
-from .probes import PROBES, Gpm, Probe
-from .xid import XidCounts, XidWatcher
+from .gpu import GpuWorker
+from .metrics import COUNTER, SPECS
+from .nvml import Nvml
+from .session import Session
+from .xid import XidCounts
 
 log = logging.getLogger(__name__)
-
-Owner = tuple[str, str, str]  # namespace, pod, container
-PodMap = Mapping[str, list[Owner]]
-Labels = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """What a scrape serves: the exposition, pre-compressed, and when it was made."""
+    """What a scrape serves, pre-compressed, and the health facts `/health` and `/ready` use."""
 
     body: bytes
     gzipped: bytes
     finished_monotonic: float
-
-
-@dataclass
-class Gpu:
-    """A GPU's identity (read once per NVML session) and its per-GPU probe state."""
-
-    index: int
-    handle: Any
-    uuid: str
-    labels: dict[str, str]
-    info: dict[str, str]
-    probes: list[tuple[str, Probe]] = field(default_factory=list)
-    unsupported: set[str] = field(default_factory=set)
-    lost: bool = False
+    dcgm_body: bytes | None = None
+    dcgm_gzipped: bytes | None = None
+    nvml_up: bool = False
+    stuck: str = ""  # why the collector cannot make progress; empty when it can
+    stale_gpus: int = 0
 
 
 class Collector:
-    """Owns the NVML session, the GPU list, the XID watcher and the current snapshot."""
+    """Owns the NVML session (through `Session`), the XID counts and the current snapshot."""
 
     def __init__(
         self,
@@ -61,90 +52,30 @@ class Collector:
         pods: Callable[[], PodMap] | None = None,
         self_metrics: Callable[[SampleSet], None] | None = None,
         interval: float = 5.0,
+        dcgm_compat: bool = False,
     ) -> None:
-        self._nv = nv
         self._node = node
         self._pods = pods or (lambda: {})
         self._self_metrics = self_metrics
+        self._dcgm = dcgm_compat
         self.interval = interval
-        self._gpus: list[Gpu] | None = None
+        # A GPU whose call has been in flight this long is stale; generous, as a busy node can
+        # make a healthy round slow, and a GPU off the bus hangs for tens of seconds.
+        self.stale_after = max(3 * interval, 2.0)
+        self._round_timeout = min(max(0.5 * interval, 0.05), 2.0)
         self._xid_counts = XidCounts()
-        self._xid: XidWatcher | None = None
-        self._down_reason: str | None = None
-        self._errors: dict[str, int] = {}
-        self._inits: dict[str, int] = {"success": 0, "failure": 0}
-        self._logged: set[tuple[int, str, int]] = set()
+        self._done = threading.Condition()
+        self.session = Session(
+            nv, self._base_labels, self._xid_counts, self._on_xid, self._on_done, interval
+        )
+        self._round = 0
         self._collects = 0
         self._last_duration = 0.0
+        self._stale: set[int] = set()
+        self._stuck_logged = ""
         self._wake = threading.Event()
         self._stop = threading.Event()
         self.snapshot = Snapshot(b"", gzip_bytes(b""), 0.0)
-
-    # --- session ------------------------------------------------------------------------
-    def _ensure_session(self) -> bool:
-        if self._gpus is not None:
-            return True
-        try:
-            self._nv.init()
-            self._gpus = self._discover()
-        except NvmlError as exc:
-            self._inits["failure"] += 1
-            self._gpus = None
-            reason = str(exc)
-            if reason != self._down_reason:
-                log.warning(
-                    "NVML unavailable, exporting gpu_exporter_nvml_up 0 and retrying: %s", reason
-                )
-            self._down_reason = reason
-            return False
-        self._inits["success"] += 1
-        if self._down_reason is not None or self._inits["success"] == 1:
-            log.info("NVML initialised: %d GPU(s)", len(self._gpus))
-        self._down_reason = None
-        self._start_xid(self._gpus)
-        return True
-
-    def _drop_session(self, reason: str) -> None:
-        log.warning("NVML session lost, re-initialising: %s", reason)
-        self._down_reason = reason
-        if self._xid is not None:
-            self._xid.stop()
-            self._xid = None
-        self._gpus = None
-        with contextlib.suppress(NvmlError):
-            self._nv.shutdown()
-
-    def _discover(self) -> list[Gpu]:
-        nv = self._nv
-        driver = nv.driver_version()
-        cuda = _optional(nv.cuda_version)
-        gpus = []
-        for i in range(nv.device_count()):
-            try:
-                h = nv.handle(i)
-                uuid = nv.uuid(h)
-            except (GpuLost, NotSupported, NvmlError) as exc:
-                if isinstance(exc, Lifecycle):
-                    raise
-                log.error("GPU %d unreadable at discovery: %s", i, exc)
-                labels = self._base_labels(i, "", "", "")
-                gpus.append(Gpu(i, None, "", labels, {}, lost=True))
-                continue
-            mig_mode = _optional(lambda h=h: nv.mig_mode(h))
-            info = {
-                "driver_version": driver,
-                "cuda_version": cuda,
-                "compute_capability": _optional(lambda h=h: nv.compute_capability(h)),
-                "mig_mode": {"1": "enabled", "0": "disabled", "": "unsupported"}[str(mig_mode)],
-            }
-            labels = self._base_labels(
-                i,
-                uuid,
-                _optional(lambda h=h: nv.pci_bus_id(h)),
-                _optional(lambda h=h: nv.name(h)),
-            )
-            gpus.append(Gpu(i, h, uuid, labels, info, probes=[*PROBES, ("gpm", Gpm())]))
-        return gpus
 
     def _base_labels(self, index: int, uuid: str, bus: str, model: str) -> dict[str, str]:
         return {
@@ -155,46 +86,169 @@ class Collector:
             "node": self._node,
         }
 
-    def _start_xid(self, gpus: list[Gpu]) -> None:
-        watched = {
-            Nvml.handle_key(g.handle): (g.uuid, tuple(g.labels.items()), g.handle)
-            for g in gpus
-            if g.handle is not None
-        }
-        self._xid = XidWatcher(self._nv, watched, self._xid_counts, self._wake.set)
-        self._xid.start()
+    def _on_done(self) -> None:
+        with self._done:
+            self._done.notify_all()
+
+    def _on_xid(self) -> None:
+        self._wake.set()
 
     # --- one collect --------------------------------------------------------------------
     def collect_once(self) -> Snapshot:
+        """Tick the GPUs, wait (bounded) for their readings, render. Never blocks on NVML."""
+        session = self.session
+        session.start()
+        deadline = time.monotonic() + self._round_timeout
+        if not session.up and self._collects == 0:  # first round: let a quick init finish
+            while not session.up and session.down_reason is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+        self._round += 1
+        round_no = self._round
+        generation = session.generation
+        # One GPU at a time: eight threads calling NVML at once cost more CPU in GIL hand-offs
+        # than the calls themselves. A GPU that does not answer within its share of the round
+        # only delays the next one by that share; the round's deadline then ticks the rest.
+        share = max(0.05, self._round_timeout / 4)
+        ticked = [w for w in list(session.workers) if w.in_flight_since is None]
+        for worker in ticked:
+            worker.tick(round_no)
+            wait = min(share, deadline - time.monotonic())
+            if wait > 0:
+                self._wait(partial(_answered, worker, round_no), generation, wait)
+        self._wait(
+            lambda: all(w.done_round >= round_no for w in ticked),
+            generation,
+            deadline - time.monotonic(),
+        )
+        return self.render()
+
+    def _wait(self, done: Callable[[], bool], generation: int, timeout: float) -> None:
+        """Until `done` or the session changed (its workers will never answer), or timeout."""
+        with self._done:
+            self._done.wait_for(
+                lambda: done() or self.session.generation != generation, max(0.0, timeout)
+            )
+
+    def render(self) -> Snapshot:
         started = time.perf_counter()
+        session = self.session
         ss = SampleSet()
-        up = self._ensure_session()
         pods = self._safe_pods()
-        if up and self._gpus is not None:
-            try:
-                for gpu in self._gpus:
-                    self._collect_gpu(gpu, ss, pods)
-            except Lifecycle as exc:
-                self._errors[exc.call] = self._errors.get(exc.call, 0) + 1
-                self._drop_session(str(exc))
-                up = False
-        self._render_xids(ss, pods)
+        up = session.up
+        workers = list(session.workers) if up else []
+        now = time.monotonic()
+        stale = 0
+        for worker in workers:
+            stale += self._render_gpu(worker, ss, pods, now)
+        for _uuid, labels, xid, n in self._xid_counts.items():
+            ss.add("gpu_xid_errors_total", {**dict(labels), "xid": str(xid)}, n)
+        stuck = self._stuck(now, workers, stale)
         self._collects += 1
         ss.add("gpu_exporter_nvml_up", {}, 1 if up else 0)
-        ss.add("gpu_exporter_gpus", {}, len(self._gpus) if up and self._gpus else 0)
+        ss.add("gpu_exporter_gpus", {}, len(workers))
+        ss.add("gpu_exporter_nvml_session_stuck", {}, 1 if stuck.startswith("NVML") else 0)
         ss.add("gpu_exporter_collects_total", {}, self._collects)
-        for result, n in self._inits.items():
+        for result, n in session.inits.items():
             ss.add("gpu_exporter_nvml_inits_total", {"result": result}, n)
-        for call, n in sorted(self._errors.items()):
+        for call, n in session.errors():
             ss.add("gpu_exporter_nvml_errors_total", {"call": call}, n)
         if self._self_metrics is not None:
             self._self_metrics(ss)
-        self._last_duration = time.perf_counter() - started
         ss.add("gpu_exporter_collect_duration_seconds", {}, round(self._last_duration, 6))
         ss.add("gpu_exporter_last_collect_timestamp_seconds", {}, round(time.time(), 3))
         body = ss.render()
-        self.snapshot = Snapshot(body, gzip_bytes(body), time.monotonic())
+        dcgm_body = dcgm.render(ss, self._xid_counts.last()) if self._dcgm else None
+        self.snapshot = Snapshot(
+            body,
+            gzip_bytes(body),
+            time.monotonic(),
+            dcgm_body,
+            gzip_bytes(dcgm_body) if dcgm_body is not None else None,
+            nvml_up=up,
+            stuck=stuck,
+            stale_gpus=stale,
+        )
+        self._last_duration = time.perf_counter() - started
         return self.snapshot
+
+    def _stuck(self, now: float, workers: list[GpuWorker], stale: int) -> str:
+        session = self.session
+        busy = session.busy_since
+        reason = ""
+        if busy is not None and now - busy > self.stale_after:
+            reason = f"NVML {session.busy_call} has not returned for {now - busy:.0f}s"
+        elif workers and stale == len(workers):
+            reason = "every GPU is stale"
+        if reason != self._stuck_logged:
+            (log.error if reason else log.info)("collector %s", reason or "unstuck")
+            self._stuck_logged = reason
+        return reason
+
+    def _is_stale(self, worker: GpuWorker, now: float) -> bool:
+        since = worker.in_flight_since
+        if since is not None and now - since > self.stale_after:
+            return True
+        reading = worker.reading
+        return reading is not None and now - reading.finished_monotonic > 2 * self.stale_after
+
+    def _render_gpu(self, worker: GpuWorker, ss: SampleSet, pods: PodMap, now: float) -> int:
+        """Add one GPU's series; 1 when it is stale (its readings withheld), else 0."""
+        base = worker.labels()
+        stale = self._is_stale(worker, now)
+        if stale != (worker.index in self._stale):
+            if stale:
+                self._stale.add(worker.index)
+                log.error(
+                    "GPU %d (%s) is stale: %s has not returned for over %.0fs",
+                    worker.index,
+                    base["uuid"],
+                    worker.in_flight_call or "its collect",
+                    self.stale_after,
+                )
+            else:
+                self._stale.discard(worker.index)
+                log.info("GPU %d (%s) answers again", worker.index, base["uuid"])
+        ss.add("gpu_exporter_gpu_stale", base, 1 if stale else 0)
+        reading = worker.reading
+        if reading is not None:
+            ss.add(
+                "gpu_exporter_gpu_last_collect_timestamp_seconds",
+                base,
+                round(reading.finished_wall, 3),
+            )
+            ss.add("gpu_exporter_gpu_collect_duration_seconds", base, round(reading.duration, 6))
+        identity = worker.identity
+        if identity is None:
+            if worker.discovery_error == "lost":
+                ss.add("gpu_lost", base, 1)
+            return 1 if stale else 0
+        owners = gpu_owners(pods, identity.uuid, worker.index)
+        ss.add("gpu_info", {**with_owner(base, owners), **identity.info}, 1)
+        for owner in owners:
+            ss.add("gpu_allocation_info", {**base, **owner_labels(owner)}, 1)
+        if stale or reading is None:
+            return 1 if stale else 0
+        for call in reading.unsupported:
+            ss.add("gpu_exporter_unsupported_metric", {**base, "call": call}, 1)
+        for call in reading.failing:
+            ss.add("gpu_exporter_failing_metric", {**base, "call": call}, 1)
+        gauge_labels = with_owner(base, owners)
+        for name, extra, value in reading.samples:
+            if "mig_uuid" in extra:
+                migs = mig_owners(pods, identity.uuid, extra)
+                for owner in migs:
+                    ss.add(
+                        "gpu_allocation_info",
+                        {**base, "mig_uuid": extra["mig_uuid"], **owner_labels(owner)},
+                        1,
+                    )
+                ss.add(name, {**with_owner(base, migs), **extra}, value)
+            elif SPECS[name].kind == COUNTER:
+                ss.add(name, {**base, **extra}, value)
+            else:
+                ss.add(name, {**gauge_labels, **extra}, value)
+        ss.add("gpu_lost", gauge_labels, 1 if reading.lost else 0)
+        return 0
 
     def _safe_pods(self) -> PodMap:
         try:
@@ -203,117 +257,35 @@ class Collector:
             log.exception("pod map unavailable")
             return {}
 
-    def _collect_gpu(self, gpu: Gpu, ss: SampleSet, pods: PodMap) -> None:
-        owners = pods.get(gpu.uuid, []) if gpu.uuid else []
-        labels = _with_owner(gpu.labels, owners)
-        ss.add("gpu_info", {**labels, **gpu.info}, 1)
-        for owner in owners:
-            ss.add("gpu_allocation_info", {**gpu.labels, **_owner_labels(owner)}, 1)
-        for call in sorted(gpu.unsupported):
-            ss.add("gpu_exporter_unsupported_metric", {**gpu.labels, "call": call}, 1)
-        lost = gpu.handle is None
-        if not lost:
-            lost = self._run_probes(gpu, ss, labels, pods)
-        if lost != gpu.lost:
-            (log.error if lost else log.info)(
-                "GPU %d (%s) is %s", gpu.index, gpu.uuid, "lost" if lost else "back"
-            )
-            gpu.lost = lost
-        ss.add("gpu_lost", labels, 1 if lost else 0)
-
-    def _run_probes(self, gpu: Gpu, ss: SampleSet, labels: dict[str, str], pods: PodMap) -> bool:
-        """Run every probe still believed supported; True when the GPU turned out lost."""
-        for call, probe in gpu.probes:
-            if call in gpu.unsupported:
-                continue
-            try:
-                samples = list(probe(self._nv, gpu.handle))
-            except NotSupported as exc:
-                gpu.unsupported.add(call)
-                log.info(
-                    "GPU %d: %s not supported, skipping it from now on (%s)", gpu.index, call, exc
-                )
-                continue
-            except GpuLost as exc:
-                self._count_error(gpu, call, exc.code, exc)
-                return True
-            except Lifecycle:
-                raise
-            except NvmlError as exc:
-                self._count_error(gpu, call, exc.code, exc)
-                continue
-            except Exception as exc:  # a bad transformation costs one probe, not the scrape
-                self._count_error(gpu, call, -1, exc)
-                continue
-            for name, extra, value in samples:
-                if "mig_uuid" in extra:
-                    mig_owners = pods.get(extra["mig_uuid"]) or pods.get(
-                        f"{gpu.uuid}/{extra['gpu_instance']}/{extra['compute_instance']}", []
-                    )
-                    for owner in mig_owners:
-                        ss.add(
-                            "gpu_allocation_info",
-                            {**gpu.labels, "mig_uuid": extra["mig_uuid"], **_owner_labels(owner)},
-                            1,
-                        )
-                    ss.add(name, {**_with_owner(gpu.labels, mig_owners), **extra}, value)
-                else:
-                    ss.add(name, {**labels, **extra} if extra else labels, value)
-        return False
-
-    def _count_error(self, gpu: Gpu, call: str, code: int, exc: BaseException) -> None:
-        self._errors[call] = self._errors.get(call, 0) + 1
-        key = (gpu.index, call, code)
-        if key not in self._logged:  # once per GPU, call and error: no log storms
-            self._logged.add(key)
-            log.warning("GPU %d: %s failed: %s", gpu.index, call, exc, exc_info=code == -1)
-
-    def _render_xids(self, ss: SampleSet, pods: PodMap) -> None:
-        for uuid, labels, xid, n in self._xid_counts.items():
-            base = _with_owner(dict(labels), pods.get(uuid, []))
-            ss.add("gpu_xid_errors_total", {**base, "xid": str(xid)}, n)
-
     # --- the loop -----------------------------------------------------------------------
     def run(self) -> None:
-        """Collect until stopped; an XID event wakes the loop early so counts show at once."""
+        """Collect every interval; an XID event re-renders at once (no NVML call), so counts
+        show without shortening any GPU's sampling window."""
         while not self._stop.is_set():
             started = time.monotonic()
             try:
                 self.collect_once()
             except Exception:
                 log.exception("collect failed; keeping the previous snapshot")
-            self._wake.wait(max(0.0, self.interval - (time.monotonic() - started)))
-            self._wake.clear()
+            while not self._stop.is_set():
+                remaining = self.interval - (time.monotonic() - started)
+                if remaining <= 0 or not self._wake.wait(remaining):
+                    break
+                self._wake.clear()
+                if not self._stop.is_set():
+                    try:
+                        self.render()
+                    except Exception:
+                        log.exception("render failed; keeping the previous snapshot")
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._xid is not None:
-            self._xid.stop()
-        if self._gpus is not None:
-            with contextlib.suppress(NvmlError):
-                self._nv.shutdown()
+        self.session.stop()
 
 
-def _optional(read: Callable[[], Any]) -> str:
-    """Identity details a GPU may not have (MIG mode on a T4): empty, never fatal."""
-    try:
-        return str(read())
-    except Lifecycle:
-        raise
-    except NvmlError:
-        return ""
+def _answered(worker: GpuWorker, round_no: int) -> bool:
+    return worker.done_round >= round_no
 
 
-def _owner_labels(owner: Owner) -> dict[str, str]:
-    namespace, pod, container = owner
-    return {"namespace": namespace, "pod": pod, "container": container}
-
-
-def _with_owner(labels: dict[str, str], owners: list[Owner]) -> dict[str, str]:
-    """Pod labels go on the GPU's own series only when exactly one container holds it; a
-    shared (time-sliced) GPU is attributed through `gpu_allocation_info` instead, so sums over
-    pods never double-count."""
-    if len(owners) != 1:
-        return labels
-    return {**labels, **_owner_labels(owners[0])}
+__all__ = ["Collector", "Nvml", "Snapshot"]

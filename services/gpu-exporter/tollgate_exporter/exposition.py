@@ -6,11 +6,12 @@ as they are. That keeps scrape latency independent of GPU count and of NVML's he
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
-from .metrics import ORDER, SPECS
+from .metrics import ORDER, SPECS, Spec
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -18,13 +19,18 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class SampleSet:
-    """Samples keyed by metric name; rejects undeclared names so typos cannot ship."""
+    """Samples keyed by metric name; rejects undeclared names so typos cannot ship.
 
-    def __init__(self) -> None:
+    The declared names are the native ones (metrics.py) unless another registry is given,
+    as the dcgm-compatible rendering does."""
+
+    def __init__(self, specs: Mapping[str, Spec] = SPECS, order: Mapping[str, int] = ORDER) -> None:
+        self._specs = specs
+        self._order = order
         self._samples: dict[str, dict[Labels, float]] = {}
 
     def add(self, name: str, labels: Mapping[str, str], value: float) -> None:
-        if name not in SPECS:
+        if name not in self._specs:
             raise KeyError(f"metric {name!r} is not declared in metrics.py")
         key = tuple(labels.items())
         # Last write wins: a duplicate label set would make Prometheus reject the scrape.
@@ -33,10 +39,19 @@ class SampleSet:
     def names(self) -> set[str]:
         return set(self._samples)
 
+    def get(self, name: str) -> dict[Labels, float]:
+        """The samples of one family (empty when none), for renderings derived from this one."""
+        return self._samples.get(name, {})
+
+    def items(self) -> Iterator[tuple[str, Labels, float]]:
+        for name, samples in self._samples.items():
+            for labels, value in samples.items():
+                yield name, labels, value
+
     def render(self) -> bytes:
         out: list[str] = []
-        for name in sorted(self._samples, key=ORDER.__getitem__):
-            spec = SPECS[name]
+        for name in sorted(self._samples, key=self._order.__getitem__):
+            spec = self._specs[name]
             out.append(f"# HELP {name} {spec.help}\n# TYPE {name} {spec.kind}\n")
             for labels, value in self._samples[name].items():
                 out.append(f"{name}{_labels(labels)} {_value(value)}\n")
@@ -47,7 +62,10 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+@functools.lru_cache(maxsize=16384)
 def _labels(labels: Labels) -> str:
+    """Cached: a GPU's label sets are the same collect after collect, and escaping them was
+    most of the rendering time."""
     if not labels:
         return ""
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels) + "}"

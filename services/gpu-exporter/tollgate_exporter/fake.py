@@ -100,11 +100,13 @@ class FakeBinding:
         return SimpleNamespace(gpu=round(g.wave(60, 5, 98)), memory=round(g.wave(45, 2, 60)))
 
     def nvmlDeviceGetMemoryInfo(self, g: FakeGpu, version: int | None = None) -> SimpleNamespace:
+        """v2 reports the driver's reservation apart; v1 counts it as used, as NVML does."""
         reserved = 512 * 1024 * 1024
         used = int(g.wave(300, 0.1, 0.9) * (g.total - reserved))
-        return SimpleNamespace(
-            total=g.total, reserved=reserved, used=used, free=g.total - reserved - used
-        )
+        free = g.total - reserved - used
+        if version is None:
+            return SimpleNamespace(total=g.total, used=used + reserved, free=free)
+        return SimpleNamespace(total=g.total, reserved=reserved, used=used, free=free)
 
     def nvmlDeviceGetTemperature(self, g: FakeGpu, _sensor: int) -> int:
         return round(g.wave(120, 35, 78))
@@ -169,7 +171,7 @@ class FakeBinding:
         return object()
 
     def nvmlDeviceGetSupportedEventTypes(self, _g: FakeGpu) -> int:
-        return pynvml.nvmlEventTypeXidCriticalError
+        return int(pynvml.nvmlEventTypeXidCriticalError)
 
     def nvmlDeviceRegisterEvents(self, *_args: Any) -> None: ...
     def nvmlEventSetWait(self, _event_set: object, timeout_ms: int) -> None:

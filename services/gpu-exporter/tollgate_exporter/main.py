@@ -19,7 +19,7 @@ from typing import Any
 from .collector import Collector
 from .nvml import Nvml
 from .podresources import DEFAULT_SOCKET, PodResources
-from .server import ExporterServer
+from .server import FORMATS, ExporterServer
 
 log = logging.getLogger("tollgate_exporter")
 
@@ -74,6 +74,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="simulate N GPUs instead of using NVML, for demos ($GPU_EXPORTER_FAKE_GPUS)",
     )
     p.add_argument(
+        "--format",
+        dest="metrics_format",
+        choices=FORMATS,
+        default=_env("GPU_EXPORTER_FORMAT", "native"),
+        help="what /metrics serves: native names, dcgm-exporter's (drop-in for its dashboards,"
+        " alerts and HPA rules), or native with dcgm at /metrics/dcgm ($GPU_EXPORTER_FORMAT)",
+    )
+    p.add_argument(
         "--log-level",
         default=_env("GPU_EXPORTER_LOG_LEVEL", "INFO"),
         help="($GPU_EXPORTER_LOG_LEVEL)",
@@ -110,12 +118,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         pods=pods.current if pods else None,
         self_metrics=pods.self_metrics if pods else None,
         interval=args.interval,
+        dcgm_compat=args.metrics_format != "native",
     )
     try:
         server = ExporterServer(
             (args.host, args.port),
             snapshot=lambda: collector.snapshot,
             stale_after=max(30.0, 6 * args.interval),
+            metrics_format=args.metrics_format,
         )
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", args.host, args.port, exc)

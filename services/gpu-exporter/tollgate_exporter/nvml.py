@@ -57,9 +57,12 @@ class Lifecycle(NvmlError):
 
 @dataclass(frozen=True, slots=True)
 class Memory:
+    """Framebuffer memory as nvidia-smi shows it: `used` excludes the driver's reservation."""
+
     total: int
     free: int
     used: int
+    reserved: int | None  # None where only the v1 call exists (its "used" includes it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,10 +98,18 @@ class Nvml:
 
     def __init__(self, binding: Any = pynvml) -> None:
         self._b = binding
+        # Newer entry points the driver (library) turned out not to have: not asked again.
+        self._missing: set[str] = set()
 
     def call(self, name: str, *args: Any) -> Any:
+        fn = getattr(self._b, name, None)
+        if fn is None and self._b is pynvml:
+            fn = _COMPAT.get(name)
+        if fn is None:
+            code = pynvml.NVML_ERROR_FUNCTION_NOT_FOUND
+            raise NotSupported(name, code, "not in this pynvml")
         try:
-            return getattr(self._b, name)(*args)
+            return fn(*args)
         except pynvml.NVMLError as exc:
             raise _translate(name, exc) from None
 
@@ -154,11 +165,33 @@ class Nvml:
         return int(u.gpu), int(u.memory)
 
     def memory(self, h: Any) -> Memory:
+        """v2 where the driver has it: v1's "used" counts the driver-reserved memory as used,
+        so it reads higher than nvidia-smi and DCGM (which use v2) by hundreds of MiB."""
+        if "memory_v2" not in self._missing:
+            try:
+                m = self.call("nvmlDeviceGetMemoryInfo", h, pynvml.nvmlMemory_v2)
+                return Memory(int(m.total), int(m.free), int(m.used), int(m.reserved))
+            except NotSupported as exc:
+                self._note_missing("memory_v2", exc)
         m = self.call("nvmlDeviceGetMemoryInfo", h)
-        return Memory(int(m.total), int(m.free), int(m.used))
+        return Memory(int(m.total), int(m.free), int(m.used), None)
 
-    def memory_reserved(self, h: Any) -> int:
-        return int(self.call("nvmlDeviceGetMemoryInfo", h, pynvml.nvmlMemory_v2).reserved)
+    def _note_missing(self, what: str, exc: NvmlError) -> None:
+        if exc.code == pynvml.NVML_ERROR_FUNCTION_NOT_FOUND:
+            self._missing.add(what)
+
+    def temperature(self, h: Any) -> int:
+        """nvmlDeviceGetTemperatureV where pynvml and the driver have it; the older call,
+        marked for removal in CUDA 14, only as a fallback for older drivers and bindings."""
+        if "temperature_v" not in self._missing:
+            try:
+                return int(self.call("nvmlDeviceGetTemperatureV", h, pynvml.NVML_TEMPERATURE_GPU))
+            except NotSupported as exc:
+                self._note_missing("temperature_v", exc)
+        return int(self.call("nvmlDeviceGetTemperature", h, pynvml.NVML_TEMPERATURE_GPU))
+
+    def retired_pages(self, h: Any, cause: int) -> int:
+        return len(self.call("nvmlDeviceGetRetiredPages", h, cause))
 
     def uint(self, name: str, h: Any, *args: Any) -> int:
         """Any NVML getter that answers one integer (temperature, power, clocks, ...)."""
@@ -189,6 +222,8 @@ class Nvml:
         return [(int(p.pid), p.usedGpuMemory) for p in procs]
 
     def mig_devices(self, h: Any) -> list[MigDevice]:
+        """The GPU's MIG instances (empty slots skipped), memory from the v1 call, which a MIG
+        device answers without a driver reservation of its own."""
         out: list[MigDevice] = []
         for i in range(int(self.call("nvmlDeviceGetMaxMigDeviceCount", h))):
             try:
@@ -198,7 +233,8 @@ class Nvml:
                     continue  # an empty MIG slot
                 raise
             try:
-                mem: Memory | None = self.memory(mh)
+                m = self.call("nvmlDeviceGetMemoryInfo", mh)
+                mem: Memory | None = Memory(int(m.total), int(m.free), int(m.used), None)
             except NotSupported:
                 mem = None
             out.append(
@@ -221,6 +257,12 @@ class Nvml:
 
     def gpm_sample_get(self, h: Any, sample: Any) -> None:
         self.call("nvmlGpmSampleGet", h, sample)
+
+    def gpm_mig_sample_get(self, h: Any, gpu_instance: int, sample: Any) -> None:
+        self.call("nvmlGpmMigSampleGet", h, gpu_instance, sample)
+
+    def gpm_sample_free(self, sample: Any) -> None:
+        self.call("nvmlGpmSampleFree", sample)
 
     def gpm_metrics(self, first: Any, second: Any, ids: list[int]) -> dict[int, float]:
         req = pynvml.c_nvmlGpmMetricsGet_t()
@@ -261,6 +303,27 @@ class Nvml:
     def event_set_free(self, event_set: Any) -> None:
         self.call("nvmlEventSetFree", event_set)
 
+
+class _TemperatureV1(ctypes.Structure):
+    _fields_ = [
+        ("version", ctypes.c_uint),
+        ("sensorType", ctypes.c_int),
+        ("temperature", ctypes.c_int),
+    ]
+
+
+def _temperature_v(handle: Any, sensor: int) -> int:
+    """nvmlDeviceGetTemperatureV for pynvml releases without its wrapper (before 12.570): the
+    driver may have it, and may one day lack the older call, whatever pynvml is installed."""
+    fn = pynvml._nvmlGetFunctionPointer("nvmlDeviceGetTemperatureV")
+    reading = _TemperatureV1(version=0x100000C, sensorType=sensor)  # nvmlTemperature_v1
+    pynvml._nvmlCheckReturn(fn(handle, ctypes.byref(reading)))
+    return int(reading.temperature)
+
+
+# Entry points newer than the oldest pynvml the exporter supports, called through pynvml's
+# own library handle when that pynvml lacks the wrapper.
+_COMPAT: dict[str, Any] = {"nvmlDeviceGetTemperatureV": _temperature_v}
 
 _VALUE_ATTR = {
     pynvml.NVML_VALUE_TYPE_DOUBLE: "dVal",

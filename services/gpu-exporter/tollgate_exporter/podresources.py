@@ -1,6 +1,6 @@
 """Which pod holds which GPU, from the kubelet's pod-resources v1 gRPC API.
 
-The response is decoded by hand (`decode_list_response`): the exporter needs five string
+The response is decoded by hand (`decode_list_response`): the exporter needs six string
 fields from a stable v1 message, and a hand decoder spares a protobuf runtime, generated
 stubs and the protobuf/grpcio version lock-step. The test suite checks it against messages
 encoded by the real protobuf library from the kubelet's schema, served by a real gRPC server.
@@ -29,8 +29,15 @@ LIST_METHOD = "/v1.PodResourcesLister/List"
 MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 
 Owner = tuple[str, str, str]  # namespace, pod, container
+Device = tuple[str, str]  # resource name, device id
+Entry = tuple[str, str, str, list[Device]]  # namespace, pod, container, devices
 
 _LEGACY_MIG = re.compile(r"^MIG-(GPU-[0-9a-fA-F-]+)/(\d+)/(\d+)$")
+# The NVIDIA device plugin names GPUs by UUID, or by index with DEVICE_ID_STRATEGY=index;
+# GKE's plugin names them nvidia0, nvidia1, ...
+_INDEX = re.compile(r"^(?:nvidia)?(\d+)$")
+# nvidia.com/gpu, nvidia.com/gpu.shared (renamed time-sliced replicas), nvidia.com/mig-1g.10gb
+_NVIDIA_RESOURCE = re.compile(r"^nvidia\.com/(?:gpu(?:\.[\w.-]+)?|mig-[\w.+-]+)$")
 
 
 # --- protobuf wire format -----------------------------------------------------------------
@@ -51,6 +58,7 @@ def _fields(buf: bytes) -> Iterator[tuple[int, Any]]:
     """(field number, value) for each field; unknown wire types skip cleanly, so fields the
     kubelet adds later (topology, CPU ids, dynamic resources) are ignored."""
     i, n = 0, len(buf)
+    value: Any
     while i < n:
         key, i = _varint(buf, i)
         number, wire = key >> 3, key & 7
@@ -70,8 +78,8 @@ def _fields(buf: bytes) -> Iterator[tuple[int, Any]]:
         yield number, value
 
 
-def decode_list_response(buf: bytes) -> list[tuple[str, str, str, list[str]]]:
-    """ListPodResourcesResponse -> [(namespace, pod, container, device ids)]."""
+def decode_list_response(buf: bytes) -> list[Entry]:
+    """ListPodResourcesResponse -> [(namespace, pod, container, [(resource, device id)])]."""
     out = []
     for number, pod_bytes in _fields(buf):
         if number != 1:  # pod_resources
@@ -87,34 +95,55 @@ def decode_list_response(buf: bytes) -> list[tuple[str, str, str, list[str]]]:
                 containers.append(pv)
         for container_bytes in containers:
             cname = ""
-            ids: list[str] = []
+            devices: list[Device] = []
             for cn, cv in _fields(container_bytes):
                 if cn == 1:
                     cname = cv.decode()
-                elif cn == 2:  # ContainerDevices
-                    ids.extend(dv.decode() for dn, dv in _fields(cv) if dn == 2)
-            out.append((namespace, name, cname, ids))
+                elif cn == 2:  # ContainerDevices: resource_name = 1, device_ids = 2
+                    resource = ""
+                    ids: list[str] = []
+                    for dn, dv in _fields(cv):
+                        if dn == 1:
+                            resource = dv.decode()
+                        elif dn == 2:
+                            ids.append(dv.decode())
+                    devices.extend((resource, i) for i in ids)
+            out.append((namespace, name, cname, devices))
     return out
 
 
-def normalize_device_id(device_id: str) -> str:
-    """Map a device-plugin id to the key the collector looks up.
+def index_key(index: int) -> str:
+    """The map key for a GPU allocated by index ("3", GKE's "nvidia3")."""
+    return f"index:{index}"
 
-    `GPU-x::3` (time-sliced replica 3) -> `GPU-x`; `MIG-GPU-x/1/0` (older MIG naming)
-    -> `GPU-x/1/0`; `MIG-<uuid>` and plain GPU UUIDs stay as they are.
+
+def normalize_device_id(resource: str, device_id: str) -> str | None:
+    """Map a device-plugin id to the key the collector looks up; None for other resources.
+
+    Only NVIDIA's resources count (a NIC or an FPGA also has device "0"). `GPU-x::3`
+    (time-sliced replica 3) -> `GPU-x`; `3` and `nvidia3` -> `index:3`; `MIG-GPU-x/1/0`
+    (older MIG naming) -> `GPU-x/1/0`; `MIG-<uuid>` and GPU UUIDs stay as they are.
     """
+    if not _NVIDIA_RESOURCE.match(resource):
+        return None
     device_id = device_id.split("::", 1)[0]
     legacy = _LEGACY_MIG.match(device_id)
     if legacy:
         return f"{legacy[1]}/{legacy[2]}/{legacy[3]}"
+    index = _INDEX.match(device_id)
+    if index:
+        return index_key(int(index[1]))
     return device_id
 
 
-def build_map(entries: list[tuple[str, str, str, list[str]]]) -> dict[str, list[Owner]]:
+def build_map(entries: list[Entry]) -> dict[str, list[Owner]]:
     out: dict[str, list[Owner]] = {}
-    for namespace, pod, container, ids in entries:
-        for raw in ids:
-            owners = out.setdefault(normalize_device_id(raw), [])
+    for namespace, pod, container, devices in entries:
+        for resource, raw in devices:
+            key = normalize_device_id(resource, raw)
+            if key is None:
+                continue
+            owners = out.setdefault(key, [])
             owner = (namespace, pod, container)
             if owner not in owners:
                 owners.append(owner)
@@ -178,7 +207,7 @@ class PodResources:
         self._up = True
         self._last_error = ""
 
-    def _list(self) -> list[tuple[str, str, str, list[str]]]:
+    def _list(self) -> list[Entry]:
         if not os.path.exists(self._path):
             raise FileNotFoundError(f"{self._path} does not exist")
         if self._channel is None:
@@ -196,7 +225,8 @@ class PodResources:
             request_serializer=lambda _request: b"",
             response_deserializer=decode_list_response,
         )
-        return rpc(None, timeout=self._timeout)
+        entries: list[Entry] = rpc(None, timeout=self._timeout)
+        return entries
 
     def _reset_channel(self) -> None:
         if self._channel is not None:

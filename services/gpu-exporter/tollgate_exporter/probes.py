@@ -1,19 +1,23 @@
 """Per-GPU probes: one NVML reading each, turned into samples in Prometheus base units.
 
-A probe is the unit of failure. When NVML answers NOT_SUPPORTED the collector drops that probe
-for that GPU for good (and says so in `gpu_exporter_unsupported_metric`); any other failure
-costs only that probe's samples for this collect, never the scrape.
+A probe is the unit of failure. When NVML answers NOT_SUPPORTED the GPU's worker skips that
+probe for a while and retries it (MIG switched off, a driver update: answers change), saying
+so in `gpu_exporter_unsupported_metric`; any other failure costs only that probe's samples for
+this collect, never the scrape. Stateful probes (GPM) have a `close` that frees what NVML lent.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pynvml
 
 from .metrics import GIB
-from .nvml import ALL_LINKS, NotSupported, Nvml
+from .nvml import ALL_LINKS, NotSupported, Nvml, NvmlError
+from .procinfo import cgroup_labels
 
 Sample = tuple[str, dict[str, str], float]
 Probe = Callable[[Nvml, Any], Iterator[Sample]]
@@ -40,6 +44,13 @@ VIOLATION_POLICIES: tuple[tuple[str, int], ...] = (
     ("board_limit", pynvml.NVML_PERF_POLICY_BOARD_LIMIT),
     ("low_utilization", pynvml.NVML_PERF_POLICY_LOW_UTILIZATION),
     ("reliability", pynvml.NVML_PERF_POLICY_RELIABILITY),
+)
+
+NVLINK_ERROR_FIELDS: tuple[tuple[str, int], ...] = (
+    ("crc_flit", pynvml.NVML_FI_DEV_NVLINK_CRC_FLIT_ERROR_COUNT_TOTAL),
+    ("crc_data", pynvml.NVML_FI_DEV_NVLINK_CRC_DATA_ERROR_COUNT_TOTAL),
+    ("replay", pynvml.NVML_FI_DEV_NVLINK_REPLAY_ERROR_COUNT_TOTAL),
+    ("recovery", pynvml.NVML_FI_DEV_NVLINK_RECOVERY_ERROR_COUNT_TOTAL),
 )
 
 FIELD_METRICS: tuple[tuple[str, int, int, str, float], ...] = (
@@ -75,15 +86,12 @@ def memory(nv: Nvml, h: Any) -> Iterator[Sample]:
     yield "gpu_memory_total_bytes", NO_LABELS, m.total
     yield "gpu_memory_used_bytes", NO_LABELS, m.used
     yield "gpu_memory_free_bytes", NO_LABELS, m.free
-
-
-def memory_reserved(nv: Nvml, h: Any) -> Iterator[Sample]:
-    yield "gpu_memory_reserved_bytes", NO_LABELS, nv.memory_reserved(h)
+    if m.reserved is not None:
+        yield "gpu_memory_reserved_bytes", NO_LABELS, m.reserved
 
 
 def temperature(nv: Nvml, h: Any) -> Iterator[Sample]:
-    t = nv.uint("nvmlDeviceGetTemperature", h, pynvml.NVML_TEMPERATURE_GPU)
-    yield "gpu_temperature_celsius", NO_LABELS, t
+    yield "gpu_temperature_celsius", NO_LABELS, nv.temperature(h)
 
 
 def power(nv: Nvml, h: Any) -> Iterator[Sample]:
@@ -166,6 +174,29 @@ def _ecc(error_type: str, type_id: int, scope: str, scope_id: int) -> Probe:
     return probe
 
 
+def retired_pages(nv: Nvml, h: Any) -> Iterator[Sample]:
+    """Page retirement (before Ampere; later GPUs remap rows instead and answer
+    NOT_SUPPORTED here)."""
+    for cause, cause_id in (
+        ("single_bit_ecc", pynvml.NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS),
+        ("double_bit_ecc", pynvml.NVML_PAGE_RETIREMENT_CAUSE_DOUBLE_BIT_ECC_ERROR),
+    ):
+        yield "gpu_retired_pages", {"cause": cause}, nv.retired_pages(h, cause_id)
+    pending = nv.uint("nvmlDeviceGetRetiredPagesPendingStatus", h)
+    yield "gpu_retired_pages_pending", NO_LABELS, 1 if pending else 0
+
+
+def nvlink_errors(nv: Nvml, h: Any) -> Iterator[Sample]:
+    """The four NVLink error counters (all links) in one batched field call."""
+    values = nv.field_values(h, [(fid, 0) for _, fid in NVLINK_ERROR_FIELDS])
+    if all(values.get(fid) is None for _, fid in NVLINK_ERROR_FIELDS):
+        raise NotSupported("nvlink_errors", pynvml.NVML_ERROR_NOT_SUPPORTED, "no NVLink")
+    for kind, fid in NVLINK_ERROR_FIELDS:
+        value = values.get(fid)
+        if value is not None:
+            yield "gpu_nvlink_errors_total", {"type": kind}, value
+
+
 def remapped_rows(nv: Nvml, h: Any) -> Iterator[Sample]:
     corr, unc, pending, failure = nv.remapped_rows(h)
     yield "gpu_remapped_rows", {"type": "correctable"}, corr
@@ -187,62 +218,157 @@ def _field(field_id: int, scope: int, metric: str, scale: float) -> Probe:
 
 
 def processes(nv: Nvml, h: Any) -> Iterator[Sample]:
+    """Per-process memory; with hostPID, the pod UID and container ID from the pid's cgroup."""
     for pid, used in nv.processes(h):
         if used is not None:
-            yield "gpu_process_memory_used_bytes", {"pid": str(pid)}, used
+            yield "gpu_process_memory_used_bytes", {"pid": str(pid), **cgroup_labels(pid)}, used
 
 
-def mig(nv: Nvml, h: Any) -> Iterator[Sample]:
-    if nv.mig_mode(h) != pynvml.NVML_DEVICE_MIG_ENABLE:
-        return
-    for dev in nv.mig_devices(h):
-        labels = {
-            "mig_uuid": dev.uuid,
-            "gpu_instance": str(dev.gpu_instance),
-            "compute_instance": str(dev.compute_instance),
-        }
-        if dev.total is not None:
-            yield "gpu_mig_memory_total_bytes", labels, dev.total
-        if dev.used is not None:
-            yield "gpu_mig_memory_used_bytes", labels, dev.used
+GPM_METRICS: tuple[tuple[int, str, float], ...] = (
+    # metric id, family suffix, scale to the base unit (percent -> ratio, MiB/s -> bytes/s)
+    (pynvml.NVML_GPM_METRIC_GRAPHICS_UTIL, "graphics_active_ratio", 0.01),
+    (pynvml.NVML_GPM_METRIC_SM_UTIL, "sm_active_ratio", 0.01),
+    (pynvml.NVML_GPM_METRIC_SM_OCCUPANCY, "sm_occupancy_ratio", 0.01),
+    (pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL, "tensor_active_ratio", 0.01),
+    (pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL, "dram_active_ratio", 0.01),
+    (pynvml.NVML_GPM_METRIC_PCIE_TX_PER_SEC, "pcie_transmit_bytes_per_second", 1 << 20),
+    (pynvml.NVML_GPM_METRIC_PCIE_RX_PER_SEC, "pcie_receive_bytes_per_second", 1 << 20),
+)
+GPM_MIN_WINDOW = 0.1  # NVML refuses a metric over two samples less than 100 ms apart
+
+
+class GpmPair:
+    """Two NVML GPM samples, alternated, for one GPU or one MIG GPU instance.
+
+    A window shorter than NVML's 100 ms minimum is never asked for: an early collect serves
+    the previous values instead. The samples are NVML's memory: `close` gives them back.
+    """
+
+    def __init__(self, nv: Nvml) -> None:
+        self._prev = nv.gpm_sample_alloc()
+        try:
+            self._cur = nv.gpm_sample_alloc()
+        except Exception:
+            nv.gpm_sample_free(self._prev)
+            raise
+        self._taken = 0.0
+        self._values: dict[int, float] = {}
+
+    def read(self, nv: Nvml, take: Callable[[Any], None], ids: list[int]) -> dict[int, float]:
+        now = time.monotonic()
+        if self._taken and now - self._taken < GPM_MIN_WINDOW:
+            return self._values
+        if not self._taken:  # the baseline: no window yet
+            take(self._prev)
+            self._taken = now
+            return {}
+        take(self._cur)
+        self._values = nv.gpm_metrics(self._prev, self._cur, ids)
+        self._prev, self._cur = self._cur, self._prev
+        self._taken = now
+        return self._values
+
+    def close(self, nv: Nvml) -> None:
+        for sample in (self._prev, self._cur):
+            with contextlib.suppress(NvmlError):
+                nv.gpm_sample_free(sample)
+
+
+def _gpm_samples(prefix: str, values: dict[int, float], labels: dict[str, str]) -> Iterator[Sample]:
+    for metric_id, suffix, scale in GPM_METRICS:
+        if metric_id in values:
+            yield f"{prefix}{suffix}", labels, values[metric_id] * scale
 
 
 class Gpm:
-    """Hopper+ GPU Performance Monitoring: ratios between two samples taken one collect apart.
+    """Hopper+ GPU Performance Monitoring: ratios between two samples one collect apart.
 
-    Stateful, so the collector makes one per GPU. The first collect only takes the baseline.
+    Stateful, so each GPU's worker makes its own. The first collect only takes the baseline.
     """
 
-    METRICS: tuple[tuple[int, str], ...] = (
-        (pynvml.NVML_GPM_METRIC_SM_UTIL, "gpu_gpm_sm_active_ratio"),
-        (pynvml.NVML_GPM_METRIC_SM_OCCUPANCY, "gpu_gpm_sm_occupancy_ratio"),
-        (pynvml.NVML_GPM_METRIC_ANY_TENSOR_UTIL, "gpu_gpm_tensor_active_ratio"),
-        (pynvml.NVML_GPM_METRIC_DRAM_BW_UTIL, "gpu_gpm_dram_active_ratio"),
-    )
+    IDS = [mid for mid, _, _ in GPM_METRICS]
 
     def __init__(self) -> None:
-        self._prev: Any = None
-        self._cur: Any = None
+        self._pair: GpmPair | None = None
 
     def __call__(self, nv: Nvml, h: Any) -> Iterator[Sample]:
-        if self._prev is None:
+        if self._pair is None:
             if not nv.gpm_supported(h):
                 raise NotSupported("nvmlGpmQueryDeviceSupport", 3, "GPM not supported")
-            self._prev, self._cur = nv.gpm_sample_alloc(), nv.gpm_sample_alloc()
-            nv.gpm_sample_get(h, self._prev)
+            self._pair = GpmPair(nv)
+        values = self._pair.read(nv, lambda s: nv.gpm_sample_get(h, s), self.IDS)
+        yield from _gpm_samples("gpu_gpm_", values, NO_LABELS)
+
+    def close(self, nv: Nvml) -> None:
+        if self._pair is not None:
+            self._pair.close(nv)
+            self._pair = None
+
+
+class Mig:
+    """MIG instances: memory per instance and, where GPM exists, utilization per GPU instance
+    (nvmlGpmMigSampleGet). Pairs of GPM samples follow the instances as they come and go."""
+
+    IDS = Gpm.IDS[:5]  # PCIe traffic is per GPU, not per instance
+
+    def __init__(self) -> None:
+        self._pairs: dict[int, GpmPair] = {}
+        self._gpm: bool | None = None
+
+    def __call__(self, nv: Nvml, h: Any) -> Iterator[Sample]:
+        if nv.mig_mode(h) != pynvml.NVML_DEVICE_MIG_ENABLE:
+            self.close(nv)
             return
-        nv.gpm_sample_get(h, self._cur)
-        values = nv.gpm_metrics(self._prev, self._cur, [mid for mid, _ in self.METRICS])
-        self._prev, self._cur = self._cur, self._prev
-        for metric_id, name in self.METRICS:
-            if metric_id in values:
-                yield name, NO_LABELS, values[metric_id] / 100.0
+        devices = nv.mig_devices(h)
+        if self._gpm is None:
+            try:
+                self._gpm = nv.gpm_supported(h)
+            except NotSupported:
+                self._gpm = False
+        seen: set[int] = set()
+        for dev in devices:
+            labels = {
+                "mig_uuid": dev.uuid,
+                "gpu_instance": str(dev.gpu_instance),
+                "compute_instance": str(dev.compute_instance),
+            }
+            if dev.total is not None:
+                yield "gpu_mig_memory_total_bytes", labels, dev.total
+            if dev.used is not None:
+                yield "gpu_mig_memory_used_bytes", labels, dev.used
+            if not self._gpm or dev.gpu_instance in seen:
+                continue  # GPM samples a GPU instance: its first compute instance carries it
+            seen.add(dev.gpu_instance)
+            yield from self._instance_gpm(nv, h, dev.gpu_instance, labels)
+        for gi in set(self._pairs) - seen:
+            self._pairs.pop(gi).close(nv)
+
+    def _instance_gpm(self, nv: Nvml, h: Any, gi: int, labels: dict[str, str]) -> Iterator[Sample]:
+        pair = self._pairs.get(gi)
+        if pair is None:
+            pair = self._pairs[gi] = GpmPair(nv)
+        try:
+            values = pair.read(nv, lambda s: nv.gpm_mig_sample_get(h, gi, s), self.IDS)
+        except NotSupported:
+            self._gpm = False  # MIG memory stays; per-instance GPM is retried with the GPU's
+            self.close(nv)
+            return
+        yield from _gpm_samples("gpu_mig_gpm_", values, labels)
+
+    def close(self, nv: Nvml) -> None:
+        for pair in self._pairs.values():
+            pair.close(nv)
+        self._pairs.clear()
+
+
+def make_probes() -> list[tuple[str, Probe]]:
+    """A fresh probe list for one GPU: the stateless probes plus its own stateful ones."""
+    return [*PROBES, ("gpm", Gpm()), ("mig", Mig())]
 
 
 PROBES: tuple[tuple[str, Probe], ...] = (
     ("utilization", utilization),
     ("memory", memory),
-    ("memory_reserved", memory_reserved),
     ("temperature", temperature),
     ("power", power),
     ("power_limit", power_limit),
@@ -270,7 +396,8 @@ PROBES: tuple[tuple[str, Probe], ...] = (
         )
     ),
     ("remapped_rows", remapped_rows),
+    ("retired_pages", retired_pages),
+    ("nvlink_errors", nvlink_errors),
     *((key, _field(fid, scope, metric, scale)) for key, fid, scope, metric, scale in FIELD_METRICS),
     ("processes", processes),
-    ("mig", mig),
 )

@@ -1,4 +1,9 @@
-"""HTTP: `/metrics` serves the collector's pre-rendered snapshot, `/health` says if it is fresh.
+"""HTTP: `/metrics` serves the collector's pre-rendered snapshot; `/health` and `/ready` judge it.
+
+`/metrics` serves the native exposition, or dcgm-exporter's with `--format dcgm`;
+`/metrics/native` always the native one, `/metrics/dcgm` the dcgm one when it is rendered
+(`--format dcgm` or `both`). `/health` (liveness) fails only when the collector cannot make
+progress; `/ready` (readiness) also fails while NVML is down or any GPU is stale.
 
 Served by the standard library's ThreadingHTTPServer. A scrape does no work beyond writing a
 bytes object that already exists, so the server's only job is to not get in the way: threads
@@ -17,15 +22,16 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .collector import Snapshot
-from .exposition import CONTENT_TYPE
+from .exposition import CONTENT_TYPE, gzip_bytes
 
 log = logging.getLogger(__name__)
 
 INDEX = (
     b"<html><head><title>tollgate GPU exporter</title></head><body>"
     b'<h1>tollgate GPU exporter</h1><p><a href="/metrics">/metrics</a> '
-    b'<a href="/health">/health</a></p></body></html>\n'
+    b'<a href="/health">/health</a> <a href="/ready">/ready</a></p></body></html>\n'
 )
+FORMATS = ("native", "dcgm", "both")
 
 
 class ExporterServer(ThreadingHTTPServer):
@@ -38,10 +44,12 @@ class ExporterServer(ThreadingHTTPServer):
         address: tuple[str, int],
         snapshot: Callable[[], Snapshot],
         stale_after: float,
+        metrics_format: str = "native",
     ) -> None:
         super().__init__(address, _Handler)
         self.snapshot = snapshot
         self.stale_after = stale_after
+        self.metrics_format = metrics_format
 
     def serve_in_thread(self) -> threading.Thread:
         thread = threading.Thread(target=self.serve_forever, name="http", daemon=True)
@@ -60,32 +68,63 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            self._metrics()
+            self._metrics(dcgm=self.server.metrics_format == "dcgm")
+        elif path == "/metrics/native":
+            self._metrics(dcgm=False)
+        elif path == "/metrics/dcgm":
+            self._metrics(dcgm=True)
         elif path in ("/health", "/healthz"):
-            self._health()
+            self._health(ready=False)
+        elif path in ("/ready", "/readyz"):
+            self._health(ready=True)
         elif path == "/":
             self._send(200, "text/html; charset=utf-8", INDEX)
         else:
             self._send(404, "text/plain; charset=utf-8", b"not found\n")
 
-    def _metrics(self) -> None:
+    def _metrics(self, dcgm: bool) -> None:
         snap = self.server.snapshot()
+        body, gzipped = snap.body, snap.gzipped
+        if dcgm:
+            if snap.dcgm_body is None or snap.dcgm_gzipped is None:
+                if self.server.metrics_format == "native":
+                    msg = b"dcgm format not rendered: start with --format dcgm or both\n"
+                    self._send(404, "text/plain; charset=utf-8", msg)
+                    return
+                body, gzipped = b"", gzip_bytes(b"")  # before the first collect
+            else:
+                body, gzipped = snap.dcgm_body, snap.dcgm_gzipped
         if "gzip" in self.headers.get("Accept-Encoding", ""):
-            self._send(200, CONTENT_TYPE, snap.gzipped, gzip=True)
+            self._send(200, CONTENT_TYPE, gzipped, gzip=True)
         else:
-            self._send(200, CONTENT_TYPE, snap.body)
+            self._send(200, CONTENT_TYPE, body)
 
-    def _health(self) -> None:
-        """503 only when the collector is stuck (a hung driver call), so the kubelet restarts
-        us; no GPU or no driver is a state to report, not a failure to restart over."""
+    def _health(self, ready: bool) -> None:
+        """Liveness fails only when the collector cannot make progress (its snapshot is old,
+        NVML init hangs, every GPU hangs): a restart is the one remedy the kubelet has. No GPU
+        or no driver is a state to report, not a reason to restart, so it fails readiness
+        only, as does a single stale GPU: `kubectl get pods` shows the node needs a look."""
         snap = self.server.snapshot()
+        age = None
+        problems: list[str] = []
         if snap.finished_monotonic == 0.0:
-            status, age = "starting", None
+            status = "starting"
         else:
             age = round(time.monotonic() - snap.finished_monotonic, 3)
-            status = "ok" if age <= self.server.stale_after else "stale"
-        body = json.dumps({"status": status, "snapshot_age_seconds": age}).encode() + b"\n"
-        self._send(503 if status == "stale" else 200, "application/json", body)
+            if age > self.server.stale_after:
+                problems.append(f"snapshot {age:.0f}s old")
+            if snap.stuck:
+                problems.append(snap.stuck)
+            status = "stuck" if problems else "ok"
+        if ready and status == "ok":
+            if not snap.nvml_up:
+                problems.append("NVML down")
+            if snap.stale_gpus:
+                problems.append(f"{snap.stale_gpus} GPU(s) stale")
+            status = "not ready" if problems else "ok"
+        failed = status != "ok" and (ready or status != "starting")
+        doc = {"status": status, "snapshot_age_seconds": age, "problems": problems}
+        self._send(503 if failed else 200, "application/json", json.dumps(doc).encode() + b"\n")
 
     def _send(self, code: int, content_type: str, body: bytes, gzip: bool = False) -> None:
         self.send_response(code)

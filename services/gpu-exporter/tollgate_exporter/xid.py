@@ -27,11 +27,18 @@ class XidCounts:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, Labels, int], int] = {}
+        self._last: dict[str, int] = {}
 
     def add(self, uuid: str, labels: Labels, xid: int) -> None:
         with self._lock:
             key = (uuid, labels, xid)
             self._counts[key] = self._counts.get(key, 0) + 1
+            self._last[uuid] = xid
+
+    def last(self) -> dict[str, int]:
+        """The latest XID code per GPU UUID: what dcgm-exporter's DCGM_FI_DEV_XID_ERRORS says."""
+        with self._lock:
+            return dict(self._last)
 
     def items(self) -> list[tuple[str, Labels, int, int]]:
         with self._lock:

@@ -7,12 +7,26 @@
  * a test can lose a GPU, raise an XID or reload the "driver" while the exporter runs:
  *
  *   [system]  driver, cuda, init_error (NVML code returned by nvmlInit), epoch (change it to
- *             invalidate the running session: calls answer UNINITIALIZED until re-init)
+ *             invalidate the running session: calls answer UNINITIALIZED until re-init),
+ *             hang_init = 1 (nvmlInit blocks until the key is cleared), gpm_sample_limit
+ *             (GPM samples that may be allocated at once; beyond it Alloc answers MEMORY)
  *   [gpu]     one section per GPU, in index order; keys below in GPU_KEYS, plus
  *             unsupported = <NVML function names or field:<id>> (answer NOT_SUPPORTED),
- *             lost = 1 (every call answers GPU_IS_LOST), procs = pid:bytes,pid:bytes
- *   [mig]     a MIG instance of the preceding GPU: uuid, gi, ci, mem_total, mem_used
+ *             fail = <function names> (answer UNKNOWN: an error that comes and goes),
+ *             hang = <function names, or *> (the call blocks, without holding the library
+ *             lock, until the file no longer names it: a GPU falling off the bus),
+ *             lost = 1 (every call answers GPU_IS_LOST; a GPU lost when nvmlInit ran stays
+ *             lost for that whole session, as a real driver enumerates GPUs only at init),
+ *             procs = pid:bytes,pid:bytes
+ *   [mig]     a MIG instance of the preceding GPU: uuid, gi, ci, mem_total, mem_used,
+ *             gpm_sm_util, gpm_sm_occupancy, gpm_tensor, gpm_dram, gpm_gr (per-instance GPM)
  *   [xid]     gpu, xid: one XID event, delivered once, in file order
+ *
+ * Memory follows NVML's documented semantics: nvmlDeviceGetMemoryInfo (v1) counts the
+ * driver-reserved memory as used (used = total - free), nvmlDeviceGetMemoryInfo_v2 reports it
+ * apart (total = reserved + used + free), as nvidia-smi does. Compiled with -DOLD_DRIVER the
+ * library lacks the symbols newer drivers added (nvmlDeviceGetTemperatureV,
+ * nvmlDeviceGetMemoryInfo_v2), so pynvml answers FUNCTION_NOT_FOUND as on an old driver.
  *
  * Built by tests/exporter/conftest.py at test set-up; nothing binary is committed.
  */
@@ -30,7 +44,8 @@
 
 enum {
     OK = 0, E_UNINIT = 1, E_INVALID = 2, E_NOT_SUPPORTED = 3, E_NOT_FOUND = 6,
-    E_INSUFFICIENT = 7, E_DRIVER = 9, E_TIMEOUT = 10, E_LOST = 15, E_UNKNOWN = 999
+    E_INSUFFICIENT = 7, E_DRIVER = 9, E_TIMEOUT = 10, E_LOST = 15, E_MEMORY = 20,
+    E_VERSION = 25, E_UNKNOWN = 999
 };
 
 #define MAXG 16
@@ -44,11 +59,12 @@ typedef struct gpu gpu_t;
 typedef struct {
     int magic; gpu_t *parent; char uuid[96];
     unsigned gi, ci; unsigned long long mem_total, mem_used;
+    double gpm_sm, gpm_occ, gpm_tensor, gpm_dram, gpm_gr;
 } mig_t;
 
 struct gpu {
     int magic; int index;
-    char name[96], uuid[96], pci_bus_id[32], unsupported[1024];
+    char name[96], uuid[96], pci_bus_id[32], unsupported[1024], fail[512], hang[512];
     unsigned cc_major, cc_minor, util_gpu, util_mem, temp, mem_temp;
     unsigned long long mem_total, mem_reserved, mem_used, energy_mj, clock_events;
     unsigned power_mw, power_limit_mw, power_default_limit_mw;
@@ -58,8 +74,10 @@ struct gpu {
     unsigned long long ecc_cv, ecc_ca, ecc_uv, ecc_ua;
     unsigned remap_corr, remap_unc, remap_pending, remap_failure;
     unsigned nvlink; unsigned long long nvlink_tx_kib, nvlink_rx_kib;
-    unsigned gpm; double gpm_sm, gpm_occ, gpm_tensor, gpm_dram;
-    unsigned mig_mode, lost, nmig, nproc;
+    unsigned gpm; double gpm_sm, gpm_occ, gpm_tensor, gpm_dram, gpm_gr, gpm_pcie_tx, gpm_pcie_rx;
+    unsigned long long nvlink_crc_flit, nvlink_crc_data, nvlink_replay, nvlink_recovery;
+    unsigned retired_sbe, retired_dbe, retired_pending;
+    unsigned mig_mode, lost, nmig, nproc, lost_at_init;
     mig_t migs[MAXM];
     unsigned pids[MAXP]; unsigned long long pmem[MAXP];
 };
@@ -67,7 +85,7 @@ struct gpu {
 typedef struct { unsigned gpu, xid; } xid_t;
 
 typedef struct {
-    char driver[80]; int cuda; unsigned init_error, epoch;
+    char driver[80]; int cuda; unsigned init_error, epoch, hang_init, gpm_sample_limit;
     unsigned ngpus; gpu_t gpus[MAXG];
     unsigned nxid; xid_t xids[MAXX];
 } state_t;
@@ -76,7 +94,7 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static state_t S, T; /* S is live; T is the parse buffer */
 static struct timespec loaded_mtime; static ino_t loaded_ino; static off_t loaded_size;
 static int loaded = 0, initialized = 0;
-static unsigned session_epoch = 0, delivered = 0;
+static unsigned session_epoch = 0, delivered = 0, live_gpm_samples = 0;
 
 /* ---- scenario parsing ------------------------------------------------------------------ */
 enum { T_STR, T_U32, T_U64, T_DBL };
@@ -84,7 +102,7 @@ typedef struct { const char *key; size_t off; int type; size_t size; } key_t_;
 #define K(k, f, t) { k, offsetof(gpu_t, f), t, sizeof(((gpu_t *)0)->f) }
 static const key_t_ GPU_KEYS[] = {
     K("name", name, T_STR), K("uuid", uuid, T_STR), K("pci_bus_id", pci_bus_id, T_STR),
-    K("unsupported", unsupported, T_STR),
+    K("unsupported", unsupported, T_STR), K("fail", fail, T_STR), K("hang", hang, T_STR),
     K("cc_major", cc_major, T_U32), K("cc_minor", cc_minor, T_U32),
     K("util_gpu", util_gpu, T_U32), K("util_mem", util_mem, T_U32),
     K("temp", temp, T_U32), K("mem_temp", mem_temp, T_U32),
@@ -110,6 +128,12 @@ static const key_t_ GPU_KEYS[] = {
     K("nvlink_rx_kib", nvlink_rx_kib, T_U64),
     K("gpm", gpm, T_U32), K("gpm_sm_util", gpm_sm, T_DBL), K("gpm_sm_occupancy", gpm_occ, T_DBL),
     K("gpm_tensor", gpm_tensor, T_DBL), K("gpm_dram", gpm_dram, T_DBL),
+    K("gpm_gr", gpm_gr, T_DBL), K("gpm_pcie_tx_mib", gpm_pcie_tx, T_DBL),
+    K("gpm_pcie_rx_mib", gpm_pcie_rx, T_DBL),
+    K("nvlink_crc_flit", nvlink_crc_flit, T_U64), K("nvlink_crc_data", nvlink_crc_data, T_U64),
+    K("nvlink_replay", nvlink_replay, T_U64), K("nvlink_recovery", nvlink_recovery, T_U64),
+    K("retired_sbe", retired_sbe, T_U32), K("retired_dbe", retired_dbe, T_U32),
+    K("retired_pending", retired_pending, T_U32),
     K("mig_mode", mig_mode, T_U32), K("lost", lost, T_U32),
 };
 
@@ -173,6 +197,8 @@ static void parse(FILE *f) {
             else if (!strcmp(k, "cuda")) T.cuda = atoi(v);
             else if (!strcmp(k, "init_error")) T.init_error = (unsigned)atoi(v);
             else if (!strcmp(k, "epoch")) T.epoch = (unsigned)atoi(v);
+            else if (!strcmp(k, "hang_init")) T.hang_init = (unsigned)atoi(v);
+            else if (!strcmp(k, "gpm_sample_limit")) T.gpm_sample_limit = (unsigned)atoi(v);
         } else if (!strcmp(section, "gpu") && g) {
             set_gpu_key(g, k, v);
         } else if (!strcmp(section, "mig") && m) {
@@ -181,6 +207,11 @@ static void parse(FILE *f) {
             else if (!strcmp(k, "ci")) m->ci = (unsigned)atoi(v);
             else if (!strcmp(k, "mem_total")) m->mem_total = strtoull(v, NULL, 0);
             else if (!strcmp(k, "mem_used")) m->mem_used = strtoull(v, NULL, 0);
+            else if (!strcmp(k, "gpm_sm_util")) m->gpm_sm = strtod(v, NULL);
+            else if (!strcmp(k, "gpm_sm_occupancy")) m->gpm_occ = strtod(v, NULL);
+            else if (!strcmp(k, "gpm_tensor")) m->gpm_tensor = strtod(v, NULL);
+            else if (!strcmp(k, "gpm_dram")) m->gpm_dram = strtod(v, NULL);
+            else if (!strcmp(k, "gpm_gr")) m->gpm_gr = strtod(v, NULL);
         } else if (!strcmp(section, "xid") && x) {
             if (!strcmp(k, "gpu")) x->gpu = (unsigned)atoi(v);
             else if (!strcmp(k, "xid")) x->xid = (unsigned)atoi(v);
@@ -203,6 +234,7 @@ static void reload_locked(void) {
     fclose(f);
     for (unsigned i = 0; i < MAXG; i++) {
         T.gpus[i].magic = GPU_MAGIC;
+        T.gpus[i].lost_at_init = S.gpus[i].lost_at_init;
         for (unsigned j = 0; j < MAXM; j++) {
             T.gpus[i].migs[j].magic = MIG_MAGIC;
             T.gpus[i].migs[j].parent = &S.gpus[i];
@@ -228,6 +260,15 @@ static int session_ok(void) { return initialized && session_epoch == S.epoch; }
 static int enter(void *h, const char *fn, gpu_t **gp, mig_t **mp) {
     pthread_mutex_lock(&mu);
     reload_locked();
+    /* A hung call blocks this caller only: other threads (other GPUs) go on. */
+    while (h && (*(int *)h == GPU_MAGIC || *(int *)h == MIG_MAGIC)) {
+        gpu_t *hg = *(int *)h == GPU_MAGIC ? (gpu_t *)h : ((mig_t *)h)->parent;
+        if (!has_token(hg->hang, fn) && !has_token(hg->hang, "*")) break;
+        pthread_mutex_unlock(&mu);
+        usleep(20000);
+        pthread_mutex_lock(&mu);
+        reload_locked();
+    }
     int rc = OK;
     gpu_t *g = NULL; mig_t *m = NULL;
     if (!session_ok()) rc = E_UNINIT;
@@ -236,8 +277,9 @@ static int enter(void *h, const char *fn, gpu_t **gp, mig_t **mp) {
     else if (*(int *)h == MIG_MAGIC && mp) { m = h; g = m->parent; }
     else rc = E_INVALID;
     if (rc == OK && (unsigned)g->index >= S.ngpus) rc = E_INVALID;
-    else if (rc == OK && g->lost) rc = E_LOST;
+    else if (rc == OK && (g->lost || g->lost_at_init)) rc = E_LOST;
     else if (rc == OK && has_token(g->unsupported, fn)) rc = E_NOT_SUPPORTED;
+    else if (rc == OK && has_token(g->fail, fn)) rc = E_UNKNOWN;
     if (rc != OK) { pthread_mutex_unlock(&mu); return rc; }
     *gp = g;
     if (mp) *mp = m;
@@ -268,9 +310,16 @@ EXPORT int nvmlInitWithFlags(unsigned flags) {
     pthread_mutex_lock(&mu);
     reload_locked();
     if (!loaded) RET(E_DRIVER);
+    while (S.hang_init) {
+        pthread_mutex_unlock(&mu);
+        usleep(20000);
+        pthread_mutex_lock(&mu);
+        reload_locked();
+    }
     if (S.init_error) RET((int)S.init_error);
     initialized = 1;
     session_epoch = S.epoch;
+    for (unsigned i = 0; i < MAXG; i++) S.gpus[i].lost_at_init = i < S.ngpus && S.gpus[i].lost;
     RET(OK);
 }
 EXPORT int nvmlInit_v2(void) { return nvmlInitWithFlags(0); }
@@ -300,6 +349,7 @@ EXPORT int nvmlDeviceGetCount_v2(unsigned *n) { SYS(); *n = S.ngpus; RET(OK); }
 EXPORT int nvmlDeviceGetHandleByIndex_v2(unsigned i, gpu_t **out) {
     SYS();
     if (i >= S.ngpus) RET(E_INVALID);
+    if (S.gpus[i].lost || S.gpus[i].lost_at_init) RET(E_LOST);
     *out = &S.gpus[i];
     RET(OK);
 }
@@ -344,19 +394,29 @@ static unsigned long long mem_free(gpu_t *g) {
 EXPORT int nvmlDeviceGetMemoryInfo(void *h, unsigned long long v[3]) {
     ANY(h);
     if (m) { v[0] = m->mem_total; v[1] = m->mem_total - m->mem_used; v[2] = m->mem_used; }
-    else { v[0] = g->mem_total; v[1] = mem_free(g); v[2] = g->mem_used; }
+    else { v[0] = g->mem_total; v[1] = mem_free(g); v[2] = g->mem_total - mem_free(g); }
     RET(OK);
 }
+#ifndef OLD_DRIVER
 typedef struct {
     unsigned version; unsigned long long total, reserved, free, used;
 } mem2_t;
 EXPORT int nvmlDeviceGetMemoryInfo_v2(void *h, mem2_t *v) {
     DEV(h);
-    if (v->version != 0x02000028) RET(25); /* ARGUMENT_VERSION_MISMATCH */
+    if (v->version != 0x02000028) RET(E_VERSION);
     v->total = g->mem_total; v->reserved = g->mem_reserved;
     v->free = mem_free(g); v->used = g->mem_used;
     RET(OK);
 }
+typedef struct { unsigned version; int sensorType; int temperature; } temp_v1_t;
+EXPORT int nvmlDeviceGetTemperatureV(void *h, temp_v1_t *t) {
+    DEV(h);
+    if (t->version != 0x100000C) RET(E_VERSION);
+    if (t->sensorType != 0) RET(E_INVALID);
+    t->temperature = (int)g->temp;
+    RET(OK);
+}
+#endif
 EXPORT int nvmlDeviceGetTemperature(void *h, unsigned sensor, unsigned *t) {
     DEV(h);
     if (sensor != 0) RET(E_INVALID);
@@ -441,10 +501,32 @@ EXPORT int nvmlDeviceGetFieldValues(void *h, int count, field_t *fv) {
             fv[i].valueType = 3;
             fv[i].value.ull = fv[i].fieldId == 138 ? g->nvlink_tx_kib : g->nvlink_rx_kib;
             break;
+        case 38: case 45: case 52: case 59:
+            if (!g->nvlink) { fv[i].nvmlReturn = E_NOT_SUPPORTED; break; }
+            fv[i].valueType = 3;
+            fv[i].value.ull = fv[i].fieldId == 38 ? g->nvlink_crc_flit
+                : fv[i].fieldId == 45 ? g->nvlink_crc_data
+                : fv[i].fieldId == 52 ? g->nvlink_replay : g->nvlink_recovery;
+            break;
         default: fv[i].nvmlReturn = E_NOT_SUPPORTED;
         }
     }
     RET(OK);
+}
+
+/* Retired pages (pre-Ampere; later GPUs remap rows and answer NOT_SUPPORTED). */
+EXPORT int nvmlDeviceGetRetiredPages(void *h, unsigned cause, unsigned *count,
+                                     unsigned long long *addresses) {
+    DEV(h);
+    if (cause > 1) RET(E_INVALID);
+    unsigned n = cause == 0 ? g->retired_sbe : g->retired_dbe;
+    if (!addresses || *count < n) { *count = n; RET(n ? E_INSUFFICIENT : OK); }
+    for (unsigned i = 0; i < n; i++) addresses[i] = 0x1000ULL * (i + 1);
+    *count = n;
+    RET(OK);
+}
+EXPORT int nvmlDeviceGetRetiredPagesPendingStatus(void *h, unsigned *pending) {
+    DEV(h); *pending = g->retired_pending; RET(OK);
 }
 
 typedef struct { unsigned pid; unsigned long long mem; unsigned gi, ci; } proc_t;
@@ -480,7 +562,7 @@ EXPORT int nvmlDeviceGetComputeInstanceId(void *h, unsigned *id) {
 
 /* ---- GPM --------------------------------------------------------------------------------- */
 typedef struct { unsigned version, isSupportedDevice; } gpm_support_t;
-typedef struct { gpu_t *g; } gpm_sample_t;
+typedef struct { gpu_t *g; mig_t *m; struct timespec taken; } gpm_sample_t;
 typedef struct { const char *shortName, *longName, *unit; } gpm_info_t;
 typedef struct { unsigned metricId; unsigned nvmlReturn; double value; gpm_info_t info; } gpm_metric_t;
 typedef struct {
@@ -490,29 +572,64 @@ typedef struct {
 EXPORT int nvmlGpmQueryDeviceSupport(void *h, gpm_support_t *s) {
     DEV(h); s->isSupportedDevice = g->gpm; RET(OK);
 }
+/* Samples are a driver resource: a caller that never frees them runs into the limit. */
 EXPORT int nvmlGpmSampleAlloc(gpm_sample_t **out) {
+    pthread_mutex_lock(&mu);
+    reload_locked();
+    if (S.gpm_sample_limit && live_gpm_samples >= S.gpm_sample_limit) RET(E_MEMORY);
     *out = calloc(1, sizeof **out);
-    return *out ? OK : E_UNKNOWN;
+    if (!*out) RET(E_MEMORY);
+    live_gpm_samples++;
+    RET(OK);
 }
-EXPORT int nvmlGpmSampleFree(gpm_sample_t *s) { free(s); return OK; }
+EXPORT int nvmlGpmSampleFree(gpm_sample_t *s) {
+    pthread_mutex_lock(&mu);
+    if (!s) RET(E_INVALID);
+    free(s);
+    live_gpm_samples--;
+    RET(OK);
+}
 EXPORT int nvmlGpmSampleGet(void *h, gpm_sample_t *s) {
     DEV(h);
     if (!g->gpm) RET(E_NOT_SUPPORTED);
-    s->g = g;
+    s->g = g; s->m = NULL;
+    clock_gettime(CLOCK_MONOTONIC, &s->taken);
     RET(OK);
 }
+EXPORT int nvmlGpmMigSampleGet(void *h, unsigned gi, gpm_sample_t *s) {
+    DEV(h);
+    if (!g->gpm) RET(E_NOT_SUPPORTED);
+    if (!g->mig_mode) RET(E_INVALID);
+    for (unsigned i = 0; i < g->nmig; i++) {
+        if (g->migs[i].gi != gi) continue;
+        s->g = g; s->m = &g->migs[i];
+        clock_gettime(CLOCK_MONOTONIC, &s->taken);
+        RET(OK);
+    }
+    RET(E_NOT_FOUND);
+}
+/* NVML needs at least 100 ms between the two samples of a metric; closer samples are refused. */
 EXPORT int nvmlGpmMetricsGet(gpm_get_t *req) {
     SYS();
-    if (!req->s1 || !req->s2 || !req->s2->g || req->s1->g != req->s2->g) RET(E_INVALID);
+    if (!req->s1 || !req->s2 || !req->s2->g || req->s1->g != req->s2->g ||
+        req->s1->m != req->s2->m)
+        RET(E_INVALID);
+    long ms = (req->s2->taken.tv_sec - req->s1->taken.tv_sec) * 1000 +
+              (req->s2->taken.tv_nsec - req->s1->taken.tv_nsec) / 1000000;
+    if (ms < 100) RET(E_INVALID);
     gpu_t *g = req->s2->g;
+    mig_t *m = req->s2->m;
     for (unsigned i = 0; i < req->numMetrics; i++) {
         gpm_metric_t *mt = &req->metrics[i];
         mt->nvmlReturn = OK;
         switch (mt->metricId) {
-        case 2: mt->value = g->gpm_sm; break;
-        case 3: mt->value = g->gpm_occ; break;
-        case 5: mt->value = g->gpm_tensor; break;
-        case 10: mt->value = g->gpm_dram; break;
+        case 1: mt->value = m ? m->gpm_gr : g->gpm_gr; break;
+        case 2: mt->value = m ? m->gpm_sm : g->gpm_sm; break;
+        case 3: mt->value = m ? m->gpm_occ : g->gpm_occ; break;
+        case 5: mt->value = m ? m->gpm_tensor : g->gpm_tensor; break;
+        case 10: mt->value = m ? m->gpm_dram : g->gpm_dram; break;
+        case 20: if (m) mt->nvmlReturn = E_NOT_SUPPORTED; else mt->value = g->gpm_pcie_tx; break;
+        case 21: if (m) mt->nvmlReturn = E_NOT_SUPPORTED; else mt->value = g->gpm_pcie_rx; break;
         default: mt->nvmlReturn = E_NOT_SUPPORTED;
         }
     }

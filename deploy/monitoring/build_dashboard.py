@@ -240,6 +240,32 @@ def dashboard() -> dict[str, Any]:
         stack=True,
     )
     L.panel(
+        "Requests by operation",
+        [
+            q(
+                f"sum by (operation) (rate(tollgate_requests_total{{{GWM}}}[{RATE}]))",
+                "{{operation}}",
+            )
+        ],
+        description="Requests per second by GenAI operation: chat, text_completion,"
+        " embeddings, responses, messages, rerank, score, transcription, tokenize, ...",
+        unit="reqps",
+        stack=True,
+    )
+    L.panel(
+        "Tokens by operation",
+        [
+            q(
+                f"sum by (operation, type) (rate(tollgate_tokens_total{{{GWM}}}[{RATE}]))",
+                "{{operation}} {{type}}",
+            )
+        ],
+        description="Tokens per second by operation, input and output, from the upstream's"
+        " usage (audio seconds metered at 50 tokens a second).",
+        unit="short",
+        stack=True,
+    )
+    L.panel(
         "Requests per key",
         [
             q(

@@ -141,8 +141,9 @@ def test_streams_cut_at_the_drain_deadline_keep_their_usage(
     assert all(e["error"] == "gateway_shutting_down" for e in entries)
     logged = sum(e["prompt_tokens"] + e["completion_tokens"] for e in entries)
     streamed = sum(e["completion_tokens"] for e in entries)
-    # What was streamed was counted (10 tokens at least in each) and reached the store.
-    assert streamed >= 10 * streams
+    # What was streamed was counted (every stream had its first tokens) and reached the
+    # store.
+    assert all(e["completion_tokens"] >= 1 and e["usage_exact"] is False for e in entries)
     assert streamed <= sim.stats()["tokens_sent"]
     assert _db_tokens(db, "team-a") == logged
     assert '"event":"quota_lost"' not in gw.output()

@@ -52,7 +52,6 @@ def test_usage_before_a_key_that_ends_in_usage() -> None:
     [
         b'{"usage":null}',
         b'{"usage":{"prompt_tokens":"x"}}',
-        b'{"usage":{"prompt_tokens":1}}',
         b'{"usage":{"prompt_tokens":1,',
         b"not json",
         b"",
@@ -67,13 +66,30 @@ def test_a_bad_byte_elsewhere_does_not_hide_usage() -> None:
     assert tokens(usage_from_body(body)) == (4, 2)
 
 
-def test_parse_usage_wants_two_counts() -> None:
+@pytest.mark.parametrize(
+    "obj,counts",
+    [
+        ({"prompt_tokens": 7, "total_tokens": 7, "completion_tokens": 0}, (7, 0)),  # embeddings
+        ({"prompt_tokens": 7}, (7, 0)),
+        ({"input_tokens": 5, "output_tokens": 9, "total_tokens": 14}, (5, 9)),  # Responses
+        ({"input_tokens": 5, "output_tokens": 0}, (5, 0)),  # Anthropic message_start
+        ({"output_tokens": 9}, (0, 9)),  # Anthropic's message_delta, without input
+        ({"total_tokens": 11}, (11, 0)),  # rerank
+        ({"type": "duration", "seconds": 3}, (150, 0)),  # a transcription's audio
+    ],
+)
+def test_every_routes_usage_shape(obj: dict, counts: tuple[int, int]) -> None:
+    usage = parse_usage(obj)
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == counts
+
+
+def test_parse_usage_wants_counts() -> None:
     usage = parse_usage({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 99})
     assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (1, 2)
     assert usage.tokens == 3 and usage.requests == 1  # one request's usage
     for bad in (
-        {"prompt_tokens": 1},
         {"prompt_tokens": 1, "completion_tokens": 2.0},
+        {"type": "duration", "seconds": "3"},
         {"prompt_tokens": True, "completion_tokens": 2},
         {"prompt_tokens": -1, "completion_tokens": 2},
         [1, 2],

@@ -12,6 +12,9 @@ without a restart. JSON, versioned by `apiVersion`:
                      "tokensPerDay": 2000000, "maxConcurrentRequests": 16}
       },
       "defaultPolicy": "standard",
+      "models": {
+        "llama": {"upstream": "meta-llama/Llama-3.1-8B-Instruct", "fallback": "llama-small"}
+      },
       "keys": {
         "<sha256 hex of the key>": {
           "name": "team-a", "policy": "standard", "models": ["llama-3-8b"],
@@ -83,12 +86,23 @@ class KeySpec(_Model):
         return self
 
 
+class ModelRoute(_Model):
+    """A model name clients use. `upstream`: the model vLLM serves under it (default: the
+    same name); `fallback`: a model to answer from while this one has no available
+    replica (all down, or their breakers open), followed one step, never further."""
+
+    upstream: str | None = Field(None, min_length=1)
+    fallback: str | None = Field(None, min_length=1)
+
+
 class GatewayConfig(_Model):
     api_version: Literal["tollgate.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
     kind: Literal["GatewayConfig"] = KIND
     policies: dict[str, Policy] = {}
     default_policy: str | None = None
     keys: dict[str, KeySpec] = {}
+    # Model names clients use, by name: aliases and fallbacks.
+    models: dict[str, ModelRoute] = {}
 
     @model_validator(mode="after")
     def _check(self) -> GatewayConfig:
@@ -103,6 +117,9 @@ class GatewayConfig(_Model):
             if key.name in names:
                 raise ValueError(f"key name {key.name!r} appears twice")
             names.add(key.name)
+        for name, route in self.models.items():
+            if route.fallback == name:
+                raise ValueError(f"model {name!r} cannot be its own fallback")
         return self
 
     def policy_for(self, key: KeySpec) -> Policy | None:

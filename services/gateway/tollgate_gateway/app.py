@@ -17,17 +17,18 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from tollgate_gateway import errors
+from tollgate_gateway import endpoints, errors
 from tollgate_gateway.asgi import Receive, Scope, Send, request_id_for, send_refusal
 from tollgate_gateway.config_secret import SecretWatcher
-from tollgate_gateway.config_watch import ConfigWatcher, env_policy
+from tollgate_gateway.config_watch import ConfigWatcher, CurrentConfig, env_policy
 from tollgate_gateway.errors import Refusal
-from tollgate_gateway.keys import CurrentKeys, KeyRing, env_keys
+from tollgate_gateway.keys import KeyRing, env_keys
 from tollgate_gateway.lifecycle import Lifecycle
 from tollgate_gateway.logs import AccessLog
 from tollgate_gateway.metrics import GatewayMetrics
 from tollgate_gateway.metrics_server import MetricsServer
-from tollgate_gateway.proxy import NEVER_FORWARDED, PROXY_PATHS, Proxy, ProxySettings
+from tollgate_gateway.models import ModelRoutes
+from tollgate_gateway.proxy import NEVER_FORWARDED, Proxy, ProxySettings
 from tollgate_gateway.quota import QuotaLedger
 from tollgate_gateway.ratelimit import ClientAddress, Gcra
 from tollgate_gateway.record import RequestRecord
@@ -46,7 +47,7 @@ class Gateway:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.lifecycle = Lifecycle()
-        self.keys = CurrentKeys()
+        self.current = CurrentConfig()
         policy = env_policy(
             settings.gateway_default_requests_per_minute,
             settings.gateway_default_tokens_per_minute,
@@ -77,17 +78,19 @@ class Gateway:
             exact_margin=settings.quota_exact_margin,
         )
         self.pool = UpstreamPool(settings, on_models=self._update_known_models)
-        self.metrics = GatewayMetrics(self.lifecycle, self.pool, self.quota, self.keys, self.config)
+        self.metrics = GatewayMetrics(
+            self.lifecycle, self.pool, self.quota, self.current, self.config
+        )
         self.quota.on_flush = self.metrics.quota_flush.observe
         self.access_log = AccessLog()
         self.tracing: Tracing | None = None
         if settings.enable_otlp_tracing:
-            from tollgate_gateway.tracing import Tracing
+            from tollgate_gateway.tracing import Tracing, otlp_exporter
 
-            self.tracing = Tracing(settings.otlp_endpoint)
+            self.tracing = Tracing(settings.otel_service_name, otlp_exporter(settings))
         self.proxy = Proxy(
             proxy_settings(settings, self.pool),
-            self.keys,
+            self.current,
             Gcra(settings.gateway_ip_rate_per_second, settings.gateway_ip_burst)
             if settings.gateway_ip_rate_per_second > 0
             else None,
@@ -101,7 +104,7 @@ class Gateway:
         metrics_here = settings.gateway_metrics_port is None
         self.api = build_api(
             self._lifespan,
-            self.keys,
+            self.current,
             self.pool,
             self.quota,
             self.lifecycle,
@@ -119,16 +122,16 @@ class Gateway:
         self.config.load()  # ConfigError stops the start
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] in PROXY_PATHS:
-            if scope["method"] == "POST":
-                await self.proxy.handle(scope, receive, send)
-            else:
-                refusal = Refusal(
-                    errors.METHOD_NOT_ALLOWED, "Use POST.", headers=[(b"allow", b"POST")]
-                )
+        if scope["type"] == "http":
+            endpoint, known = endpoints.match(scope["method"], scope["path"])
+            if endpoint is not None:
+                await self.proxy.handle(scope, receive, send, endpoint)
+                return
+            if known:
+                refusal = Refusal(errors.METHOD_NOT_ALLOWED, "Method not allowed on this route.")
                 presented = dict(scope["headers"]).get(b"x-request-id")
                 await send_refusal(send, refusal, request_id_for(presented))
-            return
+                return
         await self.api(scope, receive, send)
 
     def settle(self, record: RequestRecord) -> None:
@@ -141,8 +144,8 @@ class Gateway:
         self.metrics.observe(record, latency)
         self.access_log.write(record, latency)
 
-    def _use_keys(self, keys: KeyRing, version: str) -> None:
-        self.keys.use(keys, version)
+    def _use_keys(self, keys: KeyRing, version: str, models: ModelRoutes) -> None:
+        self.current.use(keys, version, models)
         self._update_known_models()
 
     def _update_known_models(self) -> None:
@@ -150,7 +153,8 @@ class Gateway:
         known = self.pool.models()
         if self.settings.served_model_name:
             known.add(self.settings.served_model_name)
-        known.update(self.keys.ring.models())
+        known.update(self.current.ring.models())
+        known.update(self.current.models.names())
         self.metrics.set_known_models(known)
 
     @asynccontextmanager
@@ -164,7 +168,7 @@ class Gateway:
     async def startup(self) -> None:
         if self.metrics_server is not None:
             await self.metrics_server.start()
-        await self.quota.start(self.keys.ring.names())
+        await self.quota.start(self.current.ring.names())
         await self.pool.start()
         self._tasks.append(asyncio.create_task(self.config.watch(), name="config-watch"))
         if self.config_secret is not None:
@@ -178,8 +182,8 @@ class Gateway:
                 "event": "startup",
                 "upstreams": [u.name for u in self.pool.upstreams],
                 "dns_name": self.settings.vllm_dns_name,
-                "keys": len(self.keys.ring),
-                "config_version": self.keys.version,
+                "keys": len(self.current.ring),
+                "config_version": self.current.version,
                 "metrics_port": self.settings.gateway_metrics_port,
                 "quota_store": self.settings.database_url.split(":", 1)[0],
                 "quota_store_up": self.quota.store_ok,

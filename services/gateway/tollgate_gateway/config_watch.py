@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tollgate_contract.config import GatewayConfig, Policy, parse
 from tollgate_gateway.keys import ApiKey, KeyRing, config_keys
+from tollgate_gateway.models import ModelRoutes
 
 log = logging.getLogger("tollgate.config")
 
@@ -36,12 +37,25 @@ class ConfigError(Exception):
     pass
 
 
+class CurrentConfig:
+    """The configuration in use: the key ring, the model routes and the version they came
+    from. The watcher swaps all three in one call; readers take them once per request."""
+
+    def __init__(self) -> None:
+        self.ring = KeyRing()
+        self.models = ModelRoutes()
+        self.version = ""
+
+    def use(self, ring: KeyRing, version: str, models: ModelRoutes) -> None:
+        self.ring, self.version, self.models = ring, version, models
+
+
 class ConfigWatcher:
     def __init__(
         self,
         path: str | None,
         env_keys: list[ApiKey],
-        on_change: Callable[[KeyRing, str], None],
+        on_change: Callable[[KeyRing, str, ModelRoutes], None],
         poll_interval: float = 0.25,
     ) -> None:
         self.path = Path(path) if path else None
@@ -61,7 +75,7 @@ class ConfigWatcher:
     def load(self) -> None:
         """The first load: a broken document here stops the start (there is no last good)."""
         if self.path is None:
-            self.on_change(KeyRing(self.env_keys), self.version)
+            self.on_change(KeyRing(self.env_keys), self.version, ModelRoutes())
             return
         try:
             self._signature = self._stat()
@@ -139,7 +153,7 @@ class ConfigWatcher:
     def _apply(self, config: GatewayConfig, source: str) -> None:
         keys = KeyRing([*self.env_keys, *config_keys(config)])
         self.version = config.version()
-        self.on_change(keys, self.version)
+        self.on_change(keys, self.version, ModelRoutes(config.models))
         log.info(
             "configuration loaded",
             extra={

@@ -137,15 +137,3 @@ class KeyRing:
         if why is not None:
             raise Refusal(errors.INVALID_API_KEY, why, reason="auth")
         return key
-
-
-class CurrentKeys:
-    """The key ring in use and the configuration version it came from. The config
-    watcher swaps both in one call; readers take `ring` once per request."""
-
-    def __init__(self) -> None:
-        self.ring = KeyRing()
-        self.version = ""
-
-    def use(self, ring: KeyRing, version: str) -> None:
-        self.ring, self.version = ring, version

@@ -90,6 +90,7 @@ class AccessLog:
             "key": ex.key_name,
             "model": ex.model,
             "route": ex.route,
+            "operation": ex.operation,
             "stream": ex.stream,
             "status": ex.status,
             "upstream_status": ex.upstream_status,

@@ -41,8 +41,7 @@ from prometheus_client.registry import Collector
 from tollgate_gateway import __version__
 
 if TYPE_CHECKING:
-    from tollgate_gateway.config_watch import ConfigWatcher
-    from tollgate_gateway.keys import CurrentKeys
+    from tollgate_gateway.config_watch import ConfigWatcher, CurrentConfig
     from tollgate_gateway.lifecycle import Lifecycle
     from tollgate_gateway.quota import QuotaLedger
     from tollgate_gateway.record import RequestRecord
@@ -82,15 +81,16 @@ class GatewayMetrics:
         lifecycle: Lifecycle,
         pool: UpstreamPool,
         quota: QuotaLedger,
-        keys: CurrentKeys,
+        current: CurrentConfig,
         config: ConfigWatcher,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
         self.requests = Counter(
             "tollgate_requests",
-            "Requests answered, by route, model, key name and HTTP status.",
-            ["route", "model", "key", "status"],
+            "Requests answered, by route, GenAI operation (chat, embeddings, responses, ...),"
+            " model, key name and HTTP status.",
+            ["route", "operation", "model", "key", "status"],
             registry=reg,
         )
         self.duration = Histogram(
@@ -131,9 +131,9 @@ class GatewayMetrics:
         )
         self.tokens = Counter(
             "tollgate_tokens",
-            "Tokens counted from the upstream's usage, by key name, model and type"
+            "Tokens counted from the upstream's usage, by key name, model, operation and type"
             " (input = prompt, output = completion; gen_ai.client.token.usage).",
-            ["key", "model", "type"],
+            ["key", "model", "operation", "type"],
             registry=reg,
         )
         self.rejections = Counter(
@@ -157,7 +157,7 @@ class GatewayMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=reg,
         )
-        reg.register(_StateCollector(lifecycle, pool, quota, keys, config))
+        reg.register(_StateCollector(lifecycle, pool, quota, current, config))
         ProcessCollector(registry=reg)
         self._known_models: frozenset[str] = frozenset()
         self._children: dict[tuple[Any, ...], Callable[..., None]] = {}
@@ -175,7 +175,7 @@ class GatewayMetrics:
         model = self.model_label(ex.model)
         key = ex.key_name or "none"
         route = ex.route
-        self._inc(self.requests, (route, model, key, str(ex.status)))
+        self._inc(self.requests, (route, ex.operation, model, key, str(ex.status)))
         if ex.rejection is not None:
             self._inc(self.rejections, (ex.rejection, key))
             return
@@ -188,9 +188,10 @@ class GatewayMetrics:
         usage = ex.usage
         if usage is not None:
             if usage.prompt_tokens:
-                self._inc(self.tokens, (key, model, "input"), usage.prompt_tokens)
+                self._inc(self.tokens, (key, model, ex.operation, "input"), usage.prompt_tokens)
             if usage.completion_tokens:
-                self._inc(self.tokens, (key, model, "output"), usage.completion_tokens)
+                labels = (key, model, ex.operation, "output")
+                self._inc(self.tokens, labels, usage.completion_tokens)
         if ex.stream and ex.ttft_seconds is not None:
             self._observe(self.ttft, (model,), ex.ttft_seconds)
             if usage is not None and usage.completion_tokens > 1:
@@ -221,13 +222,13 @@ class _StateCollector(Collector):
         lifecycle: Lifecycle,
         pool: UpstreamPool,
         quota: QuotaLedger,
-        keys: CurrentKeys,
+        current: CurrentConfig,
         config: ConfigWatcher,
     ) -> None:
         self.lifecycle = lifecycle
         self.pool = pool
         self.quota = quota
-        self.keys = keys
+        self.current = current
         self.config = config
 
     def collect(self) -> Iterable[Any]:
@@ -294,10 +295,12 @@ class _StateCollector(Collector):
         config = InfoMetricFamily(
             "tollgate_config", "The configuration document in use (its content hash)."
         )
-        config.add_metric([], {"version": self.keys.version})
+        config.add_metric([], {"version": self.current.version})
         yield config
         yield GaugeMetricFamily(
-            "tollgate_config_keys", "Keys in the configuration in use.", value=len(self.keys.ring)
+            "tollgate_config_keys",
+            "Keys in the configuration in use.",
+            value=len(self.current.ring),
         )
         reloads = CounterMetricFamily(
             "tollgate_config_reloads",

@@ -24,17 +24,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from tollgate_gateway import errors
+from tollgate_gateway import endpoints, errors, multipart
 from tollgate_gateway.asgi import Receive, Scope, Send, request_id_for, send_refusal
+from tollgate_gateway.config_watch import CurrentConfig
+from tollgate_gateway.endpoints import Body, Endpoint, Stream
 from tollgate_gateway.errors import ErrorKind, Refusal
-from tollgate_gateway.keys import CREDENTIAL_HEADERS, ApiKey, CurrentKeys
+from tollgate_gateway.events import EventTap
+from tollgate_gateway.keys import CREDENTIAL_HEADERS, ApiKey
 from tollgate_gateway.lifecycle import Lifecycle
 from tollgate_gateway.quota import QuotaLedger
 from tollgate_gateway.ratelimit import ClientAddress, Gcra
@@ -48,8 +53,11 @@ if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is on
 
 log = logging.getLogger("tollgate.proxy")
 
-PROXY_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
-CHAT = "/v1/chat/completions"
+# Stored responses remembered by the replica that holds them.
+RESPONSE_HOMES = 100_000
+RESPONSES_PREFIX = "/v1/responses/"
+_RESPONSE_ID = re.compile(rb'"id"[ \t\r\n]*:[ \t\r\n]*"(resp_[A-Za-z0-9_-]{1,128})"')
+_FORM_FIELDS = frozenset({"model", "stream", "stream_include_usage"})
 
 # Sent upstream whatever the configuration: what vLLM uses (the request id becomes its
 # completion id; trace context joins its spans). Everything else needs the allow-list.
@@ -89,13 +97,32 @@ class Ingress:
 
     forward: dict[str, str]
     session: str | None
+    content_type: bytes | None
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """The request as it goes upstream."""
+
+    endpoint: Endpoint
+    # The path and query the client asked for (the endpoint's route, parameters filled).
+    target: str
+    body: bytes
+    content_type: str
+    # Sequences the upstream generates (n / best_of).
+    choices: int = 1
+    client_wants_usage: bool = True
+    # The body's fields the gateway read (JSON, or the multipart text fields).
+    fields: dict[str, Any] = field(default_factory=dict)
+    # The model as the upstream names it (an alias resolved).
+    model: str | None = None
 
 
 class Proxy:
     def __init__(
         self,
         settings: ProxySettings,
-        keys: CurrentKeys,
+        current: CurrentConfig,
         ip_limit: Gcra | None,
         client_address: ClientAddress,
         quota: QuotaLedger,
@@ -105,7 +132,7 @@ class Proxy:
         settle: Callable[[RequestRecord], None],
     ) -> None:
         self.settings = settings
-        self.keys = keys
+        self.current = current
         self.ip_limit = ip_limit
         self.client_address = client_address
         self.quota = quota
@@ -113,11 +140,14 @@ class Proxy:
         self.lifecycle = lifecycle
         self.tracer = tracer
         self._settle = settle
+        self._response_homes: OrderedDict[str, Upstream] = OrderedDict()
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        record = RequestRecord(route=scope["path"], started=perf_counter())
+    async def handle(self, scope: Scope, receive: Receive, send: Send, endpoint: Endpoint) -> None:
+        record = RequestRecord(
+            route=endpoint.route, operation=endpoint.operation, started=perf_counter()
+        )
         if self.tracer is not None:
-            record.trace = self.tracer.begin(record.route, scope["headers"])
+            record.trace = self.tracer.begin(endpoint, scope["headers"])
         self.lifecycle.inflight += 1
         try:
             if self.lifecycle.inflight > self.settings.max_in_flight:
@@ -128,7 +158,7 @@ class Proxy:
                     reason="overload",
                 )
             ingress = self.ingress(record, scope)
-            key = self.keys.ring.authenticate(scope["headers"])
+            key = self.current.ring.authenticate(scope["headers"])
             record.key_name = key.name
             if record.trace is not None:
                 record.trace.mark("auth")
@@ -136,24 +166,13 @@ class Proxy:
             if body is None:
                 record.phase = Phase.ABANDONED
                 return
-            data = self.parse(record, key, body)
-            choices = self.admit(record, key, data, body)
+            outgoing = self.parse(record, endpoint, key, scope, ingress, body)
+            self.admit(record, endpoint, key, outgoing)
             if record.admission is not None and record.admission.confirm:
                 await self.quota.confirm(key, record.admission)
-            body, client_wants_usage = _with_stream_usage(record, data, body)
             affinity = self._affinity(ingress.session, key.name)
-            upstream = self.route(record.model, affinity)
-            await self.forward(
-                record,
-                receive,
-                send,
-                upstream,
-                body,
-                ingress,
-                affinity,
-                choices,
-                client_wants_usage,
-            )
+            upstream = self.route(record, outgoing, affinity, scope["path"])
+            await self.forward(record, receive, send, upstream, outgoing, ingress, affinity)
         except Refusal as refusal:
             record.status, record.error = refusal.kind.status, refusal.kind.code
             record.rejection = refusal.reason
@@ -185,7 +204,7 @@ class Proxy:
     def ingress(self, record: RequestRecord, scope: Scope) -> Ingress:
         """One pass over the headers: request id, size, IP limit, what may go upstream."""
         settings = self.settings
-        request_id = length = forwarded_for = session = None
+        request_id = length = forwarded_for = session = content_type = None
         forward: dict[str, str] = {}
         for name, value in scope["headers"]:
             if name == b"x-request-id":
@@ -193,6 +212,8 @@ class Proxy:
                 continue
             if name == b"content-length":
                 length = value
+            elif name == b"content-type":
+                content_type = value
             elif name == b"x-forwarded-for":
                 forwarded_for = value
             elif name == settings.affinity_header:
@@ -221,16 +242,46 @@ class Proxy:
                     wait,
                     reason="ip_rate",
                 )
-        return Ingress(forward, session)
+        return Ingress(forward, session, content_type)
 
     # 3. Parse
 
-    def parse(self, record: RequestRecord, key: ApiKey, body: bytes) -> dict[str, Any]:
-        data = parse_body(body)
-        model = data.get("model")
+    def parse(
+        self,
+        record: RequestRecord,
+        endpoint: Endpoint,
+        key: ApiKey,
+        scope: Scope,
+        ingress: Ingress,
+        body: bytes,
+    ) -> Outgoing:
+        """What goes upstream: the body as it came, except that a stream of OpenAI chunks
+        always asks for its usage (the client sees it only if it asked too)."""
+        target = scope["path"]
+        if scope.get("query_string"):
+            target += "?" + scope["query_string"].decode("latin-1")
+        out = Outgoing(endpoint, target, body, "application/json")
+        fields: dict[str, Any] = {}
+        if endpoint.body is Body.JSON:
+            fields = parse_body(body)
+            record.stream = fields.get("stream") is True
+            if record.stream and endpoint.streamed_usage_injected:
+                out.body, out.client_wants_usage = _with_stream_usage(fields, body)
+            if endpoint.choices:
+                out.choices = max(_count(fields, "n"), _count(fields, "best_of"))
+        elif endpoint.body is Body.MULTIPART:
+            boundary = multipart.boundary_of(ingress.content_type)
+            fields = multipart.form_fields(body, boundary, _FORM_FIELDS)
+            out.content_type = (ingress.content_type or b"").decode("latin-1")
+            record.stream = fields.get("stream", "").lower() == "true"
+            if record.stream and fields.get("stream_include_usage", "").lower() != "true":
+                out.body = multipart.with_field(body, boundary, "stream_include_usage", "true")
+                out.client_wants_usage = False
+        else:
+            out.content_type = ""
+        model = fields.get("model")
         record.model = model if isinstance(model, str) else None
-        record.stream = data.get("stream") is True
-        if not key.may_use(record.model):
+        if endpoint.body is not Body.NONE and not key.may_use(record.model):
             raise Refusal(
                 errors.MODEL_NOT_ALLOWED,
                 f"This API key may not use model {record.model!r}; allowed: "
@@ -238,29 +289,69 @@ class Proxy:
                 reason="model",
                 param="model",
             )
-        return data
+        out.fields = fields
+        out.model = self.current.models.upstream(record.model)
+        if out.model != record.model and endpoint.body is Body.JSON and out.model is not None:
+            _send_as(out, out.model)
+        if record.trace is not None:
+            record.trace.describe_request(fields)
+        return out
 
     # 4. Admit
 
-    def admit(self, record: RequestRecord, key: ApiKey, data: dict[str, Any], body: bytes) -> int:
-        """Reserve the most the request can use: its prompt plus `max_tokens` for every
-        sequence the upstream will generate (`n`, or `best_of` when larger). Returns
-        that number of sequences."""
-        choices = max(_count(data, "n"), _count(data, "best_of"))
-        max_tokens = data.get("max_completion_tokens") or data.get("max_tokens")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
-            max_tokens = self.settings.default_reserve
-        record.prompt_estimate = estimate_prompt_tokens(body)
-        record.admission = self.quota.admit(key, record.prompt_estimate, choices * max_tokens)
-        return choices
+    def admit(self, record: RequestRecord, endpoint: Endpoint, key: ApiKey, out: Outgoing) -> None:
+        """Reserve the most the request can use: its prompt plus the cap on its output
+        (`max_tokens` and its kin, for every sequence the upstream will generate). Free
+        routes reserve nothing but still count against request limits."""
+        if not endpoint.metered:
+            record.admission = self.quota.admit(key, 0, 0)
+            return
+        output = 0
+        if endpoint.output_fields:
+            output = self.settings.default_reserve
+            for name in endpoint.output_fields:
+                value = out.fields.get(name)
+                if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                    output = value
+                    break
+        elif endpoint.body is Body.MULTIPART:
+            output = self.settings.default_reserve  # a transcript's length is not asked for
+        if endpoint.body is Body.JSON:
+            record.prompt_estimate = estimate_prompt_tokens(out.body)
+        record.admission = self.quota.admit(key, record.prompt_estimate, out.choices * output)
 
     # 5. Route
 
-    def route(self, model: str | None, affinity: str | None) -> Upstream:
-        upstream = self.pool.pick(model, affinity)
-        if upstream is None:
-            raise self.pool.refusal_for(model)
-        return upstream
+    def route(
+        self, record: RequestRecord, out: Outgoing, affinity: str | None, path: str
+    ) -> Upstream:
+        """A replica for the request: one serving the model as vLLM names it, else one
+        serving the model's fallback (the request then says so, and names that model);
+        for `GET /v1/responses/{id}` and its cancel, the replica that stored it."""
+        if path.startswith(RESPONSES_PREFIX):
+            home = self._response_homes.get(endpoints.response_id(path))
+            if home is not None and home.available() and home.breaker.allow():
+                return home
+        upstream = self.pool.pick(out.model, affinity)
+        if upstream is not None:
+            return upstream
+        fallback = self.current.models.fallback(record.model)
+        if fallback is not None and out.endpoint.body is Body.JSON:
+            name = self.current.models.upstream(fallback) or fallback
+            upstream = self.pool.pick(name, affinity)
+            if upstream is not None:
+                record.fallback = fallback
+                _send_as(out, name)
+                return upstream
+        raise self.pool.refusal_for(out.model)
+
+    def _remember_response(self, data: bytes, upstream: Upstream) -> None:
+        found = _RESPONSE_ID.search(data, 0, 4096)
+        if found is not None:
+            homes = self._response_homes
+            homes[found.group(1).decode()] = upstream
+            if len(homes) > RESPONSE_HOMES:
+                del homes[next(iter(homes))]
 
     def _affinity(self, session: str | None, key_name: str) -> str | None:
         mode = self.settings.affinity_mode
@@ -276,11 +367,9 @@ class Proxy:
         receive: Receive,
         send: Send,
         upstream: Upstream,
-        body: bytes,
+        out: Outgoing,
         ingress: Ingress,
         affinity: str | None,
-        choices: int,
-        client_wants_usage: bool,
     ) -> None:
         """The upstream call, cancelled when the client disconnects. A request that
         failed before any response byte (connection refused or dropped before an
@@ -290,7 +379,8 @@ class Proxy:
         headers = ingress.forward
         if self.settings.upstream_authorization:
             headers["authorization"] = self.settings.upstream_authorization
-        headers["content-type"] = "application/json"
+        if out.content_type:
+            headers["content-type"] = out.content_type
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, record, task))
@@ -302,9 +392,7 @@ class Proxy:
                 outcome = Outcome.ABANDONED
                 can_retry = not retried and len(self.pool.upstreams) > 1
                 try:
-                    outcome = await self._attempt(
-                        record, send, attempt, body, headers, choices, client_wants_usage, can_retry
-                    )
+                    outcome = await self._attempt(record, send, attempt, out, headers, can_retry)
                     return
                 except UpstreamFailure as failure:
                     outcome = failure.outcome
@@ -313,7 +401,7 @@ class Proxy:
                     other = (
                         None
                         if retried or not failure.retryable
-                        else self._other(record, upstream, affinity)
+                        else self._other(out, upstream, affinity)
                     )
                     if other is None:
                         raise _refusal_for_failure(failure) from None
@@ -328,10 +416,8 @@ class Proxy:
         finally:
             watcher.cancel()
 
-    def _other(
-        self, record: RequestRecord, failed: Upstream, affinity: str | None
-    ) -> Upstream | None:
-        other = self.pool.pick(record.model, affinity, exclude=failed)
+    def _other(self, out: Outgoing, failed: Upstream, affinity: str | None) -> Upstream | None:
+        other = self.pool.pick(out.model, affinity, exclude=failed)
         if other is not None:
             self.pool.retries += 1
         return other
@@ -341,20 +427,20 @@ class Proxy:
         record: RequestRecord,
         send: Send,
         attempt: Attempt,
-        body: bytes,
+        out: Outgoing,
         headers: dict[str, str],
-        choices: int,
-        client_wants_usage: bool,
         can_retry: bool,
     ) -> Outcome:
         """One try: its outcome, or `UpstreamFailure` (retryable ones before any byte)."""
         trace = record.trace
         if trace is not None:
-            trace.start_upstream(attempt.upstream.base + record.route, headers)
+            trace.start_upstream(attempt.upstream.base + out.target, headers)
         timeout = self.settings.timeout_stream if record.stream else self.settings.timeout_whole
         # From here the replica may spend tokens on the request before it says how many.
-        record.awaiting_usage = True
-        status, content_type = await attempt.send(record.route, body, headers, timeout)
+        record.awaiting_usage = out.endpoint.metered
+        status, content_type = await attempt.send(
+            out.endpoint.method, out.target, out.body, headers, timeout
+        )
         record.upstream_status = status
         if trace is not None:
             trace.end_upstream(status)
@@ -362,20 +448,26 @@ class Proxy:
             # A failing or draining replica that did not take the request: another may.
             raise UpstreamFailure(Outcome.STATUS_5XX, f"status {status}", retryable=True)
         if status == 200 and content_type.startswith("text/event-stream"):
-            return await self._stream(
-                record, send, attempt, content_type, choices, client_wants_usage
-            )
-        return await self._whole(record, send, attempt, status, content_type)
+            return await self._stream(record, send, attempt, content_type, out)
+        return await self._whole(record, send, attempt, status, content_type, out)
 
     async def _whole(
-        self, record: RequestRecord, send: Send, attempt: Attempt, status: int, content_type: str
+        self,
+        record: RequestRecord,
+        send: Send,
+        attempt: Attempt,
+        status: int,
+        content_type: str,
+        out: Outgoing,
     ) -> Outcome:
-        """7. A JSON answer: read it all, count its usage, pass it on."""
+        """7. A whole answer: read it all, count its usage, pass it on."""
         payload = await attempt.read()
         record.awaiting_usage = False  # whatever it used, the answer says (or nothing)
         outcome = Outcome.STATUS_5XX if status >= 500 else Outcome.SUCCEEDED
-        if status == 200:
-            record.usage = usage_from_body(payload)
+        if status == 200 and out.endpoint.metered:
+            record.usage = usage_from_body(payload, out.endpoint.usage_key)
+            if out.endpoint.route == "/v1/responses":
+                self._remember_response(payload, attempt.upstream)
         elif status in (401, 403):
             log.error(
                 "the upstream refused the gateway's credentials",
@@ -400,8 +492,7 @@ class Proxy:
         headers = [
             (b"content-type", content_type.encode()),
             (b"content-length", b"%d" % len(payload)),
-            (b"x-request-id", record.request_id.encode()),
-            (b"x-tollgate-overhead-ms", record.overhead_header()),
+            *record.response_headers(),
         ]
         record.phase = Phase.RESPONDING
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -415,8 +506,7 @@ class Proxy:
         send: Send,
         attempt: Attempt,
         content_type: str,
-        choices: int,
-        client_wants_usage: bool,
+        out: Outgoing,
     ) -> Outcome:
         """7. SSE: each read from the upstream goes to the client before the next read."""
         record.status = 200
@@ -425,25 +515,32 @@ class Proxy:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [
-                    (b"content-type", content_type.encode()),
-                    (b"x-request-id", record.request_id.encode()),
-                    (b"x-tollgate-overhead-ms", record.overhead_header()),
-                ],
+                "headers": [(b"content-type", content_type.encode()), *record.response_headers()],
             }
         )
-        tap = StreamTap(strip_usage=not client_wants_usage)
+        endpoint = out.endpoint
+        tap: StreamTap | EventTap
+        if endpoint.stream is Stream.RESPONSES_EVENTS:
+            tap = EventTap(b"event: response.output_text.delta")
+        elif endpoint.stream is Stream.ANTHROPIC_EVENTS:
+            tap = EventTap(b"event: content_block_delta")
+        else:
+            tap = StreamTap(strip_usage=not out.client_wants_usage)
         # Chat streams open each choice with a role-only delta: not a token.
-        opening_chunks = choices if record.route == CHAT else 0
+        opening_chunks = out.choices if record.operation == "chat" else 0
+        first = endpoint.route == "/v1/responses"
         broken: UpstreamFailure | None = None
         try:
             async for data in attempt.chunks():
                 if record.ttft_seconds is None:
                     record.ttft_seconds = perf_counter() - record.started
-                out = tap.feed(data)
+                if first:
+                    self._remember_response(data, attempt.upstream)
+                    first = False
+                passed = tap.feed(data)
                 record.streamed_chunks = max(0, tap.chunks - opening_chunks)
-                if out:
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                if passed:
+                    await send({"type": "http.response.body", "body": passed, "more_body": True})
         except UpstreamFailure as failure:
             broken = failure
         except asyncio.CancelledError:
@@ -560,12 +657,9 @@ def _count(data: dict[str, Any], name: str) -> int:
     return value
 
 
-def _with_stream_usage(
-    record: RequestRecord, data: dict[str, Any], body: bytes
-) -> tuple[bytes, bool]:
-    """Streams always ask the upstream for usage; the client sees it only if it asked."""
-    if not record.stream:
-        return body, True
+def _with_stream_usage(data: dict[str, Any], body: bytes) -> tuple[bytes, bool]:
+    """An OpenAI chunk stream always asks the upstream for usage; the body, and whether
+    the client asked too (else the usage chunk is stripped again on the way back)."""
     options = data.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
         return body, True
@@ -573,6 +667,15 @@ def _with_stream_usage(
         return body[: body.rstrip().rfind(b"}")] + _STREAM_USAGE, False
     data["stream_options"] = {**(options or {}), "include_usage": True}
     return json.dumps(data, ensure_ascii=False).encode(), False
+
+
+def _send_as(out: Outgoing, model: str) -> None:
+    """Send a JSON request upstream under another model name (an alias, a fallback)."""
+    fields = {**out.fields, "model": model}
+    if not out.client_wants_usage:
+        fields["stream_options"] = {**(fields.get("stream_options") or {}), "include_usage": True}
+    out.model = model
+    out.body = json.dumps(fields, ensure_ascii=False).encode()
 
 
 def _error_event(kind: ErrorKind, message: str) -> bytes:

@@ -4,9 +4,10 @@ at its end, where it is settled (quota, metrics, trace, the log line)."""
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Protocol
+from typing import Any, Protocol
 
 from tollgate_contract.usage import Usage
 from tollgate_gateway.quota import Admission
@@ -19,6 +20,8 @@ class RequestTrace(Protocol):
     when tracing is on): named here so this module needs no OpenTelemetry."""
 
     def mark(self, name: str) -> None: ...
+
+    def describe_request(self, fields: Mapping[str, Any]) -> None: ...
 
     def start_upstream(self, url: str, headers: dict[str, str]) -> None: ...
 
@@ -44,7 +47,9 @@ class Phase(enum.Enum):
 
 @dataclass(slots=True)
 class RequestRecord:
+    # The endpoint's route (parameters as `{id}`) and GenAI operation name.
     route: str
+    operation: str
     started: float
     request_id: str = ""
     key_name: str | None = None
@@ -58,6 +63,8 @@ class RequestRecord:
     # What went wrong with the upstream (unreachable, timeout, ...), if anything.
     upstream_error: str | None = None
     upstream_status: int | None = None
+    # The model answered instead, when the one asked for had no replica available.
+    fallback: str | None = None
     # Time spent waiting on the upstream (headers, and the body of a non-stream answer):
     # the gateway's own overhead is the rest.
     upstream_seconds: float = 0.0
@@ -75,6 +82,16 @@ class RequestRecord:
     # The quota reservation, settled when the request ends.
     admission: Admission | None = None
     trace: RequestTrace | None = None
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        """The gateway's own headers on a proxied answer."""
+        headers = [
+            (b"x-request-id", self.request_id.encode()),
+            (b"x-tollgate-overhead-ms", self.overhead_header()),
+        ]
+        if self.fallback is not None:
+            headers.append((b"x-tollgate-fallback", self.fallback.encode()))
+        return headers
 
     def overhead_seconds(self) -> float:
         return perf_counter() - self.started - self.upstream_seconds

@@ -18,8 +18,9 @@ from starlette.exceptions import HTTPException
 
 from tollgate_gateway import errors
 from tollgate_gateway.asgi import request_id_for
+from tollgate_gateway.config_watch import CurrentConfig
 from tollgate_gateway.errors import Refusal, response_parts
-from tollgate_gateway.keys import ApiKey, CurrentKeys
+from tollgate_gateway.keys import ApiKey
 from tollgate_gateway.lifecycle import Lifecycle
 from tollgate_gateway.metrics import CONTENT_TYPE
 from tollgate_gateway.quota import QuotaLedger
@@ -35,7 +36,7 @@ def refusal_response(refusal: Refusal, request_id: str = "") -> Response:
 
 def build_api(
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
-    keys: CurrentKeys,
+    current: CurrentConfig,
     pool: UpstreamPool,
     quota: QuotaLedger,
     lifecycle: Lifecycle,
@@ -73,13 +74,13 @@ def build_api(
         return refusal_response(Refusal(errors.INVALID_REQUEST, str(exc.errors())))
 
     def authenticate(request: Request) -> ApiKey:
-        return keys.ring.authenticate(request.headers.raw)
+        return current.ring.authenticate(request.headers.raw)
 
     def model_names(key: ApiKey) -> list[str]:
         # SERVED_MODEL_NAME, else the union of what the replicas list (read at health checks),
-        # less what this key may not use.
-        names = [served_model_name] if served_model_name else sorted(pool.models())
-        return [name for name in names if key.may_use(name)]
+        # and the names the configuration gives models, less what this key may not use.
+        served = {served_model_name} if served_model_name else pool.models()
+        return sorted(name for name in served | current.models.names() if key.may_use(name))
 
     def card(name: str) -> dict[str, object]:
         created = lifecycle.started_at

@@ -115,9 +115,17 @@ class Settings(BaseSettings):
     breaker_open_seconds: Seconds = 10.0
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    # OpenTelemetry traces over OTLP/HTTP (a collector's base URL, or its /v1/traces URL).
+    # OpenTelemetry traces over OTLP. The endpoint: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT (as
+    # is), else OTEL_EXPORTER_OTLP_ENDPOINT or OTLP_ENDPOINT (a collector's base URL). The
+    # protocol: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL or OTEL_EXPORTER_OTLP_PROTOCOL, else gRPC
+    # for an endpoint on port 4317 (the OTLP/gRPC port, e.g. Jaeger's) and HTTP otherwise.
     enable_otlp_tracing: bool = False
     otlp_endpoint: str = "http://localhost:4318"
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_exporter_otlp_traces_endpoint: str | None = None
+    otel_exporter_otlp_protocol: Literal["grpc", "http/protobuf"] | None = None
+    otel_exporter_otlp_traces_protocol: Literal["grpc", "http/protobuf"] | None = None
+    otel_service_name: str = "tollgate-gateway"
 
     @field_validator(
         "gateway_api_keys",

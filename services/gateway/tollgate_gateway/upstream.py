@@ -46,13 +46,15 @@ from yarl import URL
 
 from tollgate_gateway import errors
 from tollgate_gateway.breaker import CircuitBreaker, State
+from tollgate_gateway.endpoints import ENDPOINTS
 from tollgate_gateway.errors import Refusal
 from tollgate_gateway.settings import Settings
 
 log = logging.getLogger("tollgate.upstream")
 
 KEEPALIVE_SECONDS = 4.0
-PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health")
+# URLs built once per replica: its health and model list, and every fixed route.
+PATHS = ("/health", "/v1/models", *(e.route for e in ENDPOINTS if "{" not in e.route))
 _CLIENT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
@@ -120,6 +122,10 @@ class Upstream:
         self.models: frozenset[str] | None = frozenset(models) if models is not None else None
         self.configured_models = models is not None
 
+    def url_for(self, target: str) -> URL:
+        """The URL of a request target (path and query) on this replica."""
+        return self.url.get(target) or URL(self.base + target, encoded=True)
+
     def available(self) -> bool:
         return self.healthy and self.breaker.state is not State.OPEN
 
@@ -143,13 +149,18 @@ class Attempt:
         upstream.requests += 1
 
     async def send(
-        self, path: str, body: bytes, headers: dict[str, str], limits: aiohttp.ClientTimeout
+        self,
+        method: str,
+        target: str,
+        body: bytes,
+        headers: dict[str, str],
+        limits: aiohttp.ClientTimeout,
     ) -> tuple[int, str]:
-        """POST the request; the response's status and content type (headers read)."""
+        """Send the request; the response's status and content type (headers read)."""
         started = perf_counter()
         try:
-            response = await self._session.post(
-                self.upstream.url[path], data=body, headers=headers, timeout=limits
+            response = await self._session.request(
+                method, self.upstream.url_for(target), data=body, headers=headers, timeout=limits
             )
         except _CLIENT_ERRORS as exc:
             raise _failure(exc) from None

@@ -1,5 +1,11 @@
 """Token usage: read from the upstream's answers, and handed to one place.
 
+One reader for every route's shape: OpenAI's `prompt_tokens` / `completion_tokens`
+(chat, completions, embeddings, score), Responses' and Anthropic's `input_tokens` /
+`output_tokens`, rerank's `total_tokens` alone, and a transcription's audio duration
+(`{"type": "duration", "seconds": S}`, metered as `AUDIO_TOKENS_PER_SECOND` prompt
+tokens a second: Whisper's encoder rate).
+
 vLLM reports `usage` in a non-stream response and, for a stream that asked for it
 (`stream_options.include_usage`, which the gateway turns on), in a last chunk with
 `choices: []`. A stream that breaks before that chunk has no usage: its completion tokens
@@ -25,19 +31,33 @@ _decoder = json.JSONDecoder()
 USAGE_KEY = re.compile(rb'"usage"[ \t\r\n]*:[ \t\r\n]*\{')
 # Bytes per prompt token assumed when the upstream never said (a broken stream).
 BYTES_PER_TOKEN_ESTIMATE = 4
+# Audio reported as seconds, in tokens: Whisper's encoder sees 1,500 frames per 30 s.
+AUDIO_TOKENS_PER_SECOND = 50
 
 
 __all__ = ["USAGE_KEY", "Usage", "estimate_prompt_tokens", "parse_usage", "usage_from_body"]
 
 
 def parse_usage(obj: object) -> Usage | None:
-    """An OpenAI `usage` object's token counts, if it has both (as counts: not negative,
-    not booleans, which JSON's `true` would pass as an int)."""
+    """The token counts of a `usage` object in any of the shapes above (counts: not
+    negative, not booleans, which JSON's `true` would pass as an int)."""
     if not isinstance(obj, dict):
         return None
-    prompt, completion = obj.get("prompt_tokens"), obj.get("completion_tokens")
-    if _count(prompt) and _count(completion):
-        return Usage(prompt, completion, 1)
+    for input_key, output_key in (
+        ("prompt_tokens", "completion_tokens"),
+        ("input_tokens", "output_tokens"),
+    ):
+        prompt, completion = obj.get(input_key), obj.get(output_key, 0)
+        if _count(prompt) and _count(completion):
+            return Usage(prompt, completion, 1)
+        if input_key not in obj and _count(completion) and output_key in obj:
+            return Usage(0, completion, 1)  # Anthropic's message_delta may carry only this
+    total = obj.get("total_tokens")
+    if _count(total):
+        return Usage(total, 0, 1)
+    seconds = obj.get("seconds")
+    if obj.get("type") == "duration" and isinstance(seconds, int | float) and seconds >= 0:
+        return Usage(round(seconds * AUDIO_TOKENS_PER_SECOND), 0, 1)
     return None
 
 
@@ -45,14 +65,24 @@ def _count(value: object) -> TypeGuard[int]:
     return type(value) is int and value >= 0
 
 
-def usage_from_body(body: bytes) -> Usage | None:
+_KEYS = {"usage": USAGE_KEY}
+
+
+def _key(name: str) -> re.Pattern[bytes]:
+    pattern = _KEYS.get(name)
+    if pattern is None:
+        pattern = _KEYS[name] = re.compile(b'"' + name.encode() + rb'"[ \t\r\n]*:[ \t\r\n]*\{')
+    return pattern
+
+
+def usage_from_body(body: bytes, key: str = "usage") -> Usage | None:
     """The top-level `usage` of a response, read without parsing the whole body.
 
     vLLM puts the top-level usage after the choices, so the last `usage` key is tried
     first; an earlier one is tried only if that is not a usage object (a logprobs key
     ending in `"usage`, say). Only the usage object itself is decoded.
     """
-    for found in reversed(list(USAGE_KEY.finditer(body))):
+    for found in reversed(list(_key(key).finditer(body))):
         start = found.end() - 1  # the `{`
         try:
             # errors="replace": usage is ASCII; a bad byte elsewhere must not hide it.

@@ -6,7 +6,10 @@
 #   4. create an ApiKey, read its generated key, call the gateway through a Service with curl
 #      and with the OpenAI SDK (chat, stream), check /v1/usage and `kubectl get apikeys`;
 #   5. run the tests marked `cluster` (tests/operator, tests/chart) against it;
-#   6. delete the cluster (KEEP_CLUSTER=1 keeps it, and reuses it on the next run).
+#   6. what only a real cluster shows: a deleted gateway Deployment comes back (drift
+#      repair), Postgres refuses a pod that is not a gateway (NetworkPolicy, enforced by
+#      kindnet), and `helm uninstall` then `kubectl delete namespace` end (no finalizers);
+#   7. delete the cluster (KEEP_CLUSTER=1 keeps it, and reuses it on the next run).
 #
 # Needs: docker (running), kind, and the repository's .venv (make test creates it); helm
 # and kubectl from PATH or else from scripts/chart-tools.sh. Without Docker or kind (as on
@@ -42,6 +45,13 @@ elif ! "$docker" info >/dev/null 2>&1; then
 fi
 if ! command -v "$kind" >/dev/null 2>&1; then
   missing+=("kind is not installed: see https://kind.sigs.k8s.io/docs/user/quick-start/#installation (e.g. 'go install sigs.k8s.io/kind@latest')")
+else
+  # kind before 0.22 boots Kubernetes older than the chart's kubeVersion (>=1.29).
+  kind_version="$("$kind" version 2>/dev/null | sed -n 's/^kind v\([0-9]*\)\.\([0-9]*\).*/\1 \2/p')"
+  read -r kind_major kind_minor <<<"${kind_version:-0 0}"
+  if [ "$kind_major" -eq 0 ] && [ "$kind_minor" -lt 22 ]; then
+    missing+=("kind ${kind_major}.${kind_minor} is too old: 0.22 or newer is needed (older ones boot Kubernetes below the chart's kubeVersion >=1.29); upgrade kind")
+  fi
 fi
 if [ ! -x "$python" ] || ! "$python" -c 'import openai' 2>/dev/null; then
   missing+=("$python with the openai package is missing: run 'make test' (or 'python3 -m venv .venv && .venv/bin/pip install -e .[dev]') first")
@@ -115,10 +125,24 @@ say "building images (tag $tag)"
 for image in gateway operator gpu-exporter; do
   "$docker" build -f "docker/Dockerfile.$image" -t "tollgate/$image:$tag" .
 done
-"$docker" image inspect "$pg_image" >/dev/null 2>&1 || "$docker" pull "$pg_image"
-say "loading images into the cluster"
-"$kind" load docker-image --name "$cluster" \
-  "tollgate/gateway:$tag" "tollgate/operator:$tag" "tollgate/gpu-exporter:$tag" "$pg_image"
+# One platform, the nodes': with Docker's containerd image store (default in Docker 29) a
+# pulled image is a multi-platform index whose other platforms are not on disk, and
+# `kind load docker-image` fails on it. `docker save --platform | kind load image-archive`
+# works with either image store.
+platform="linux/$("$docker" version --format '{{.Server.Arch}}')"
+"$docker" image inspect "$pg_image" >/dev/null 2>&1 || "$docker" pull --platform "$platform" "$pg_image"
+save_flags=()
+if "$docker" save --help 2>/dev/null | grep -q -- '--platform'; then
+  save_flags=(--platform "$platform")
+fi
+say "loading images into the cluster ($platform)"
+for image in "tollgate/gateway:$tag" "tollgate/operator:$tag" "tollgate/gpu-exporter:$tag" "$pg_image"; do
+  "$docker" save "${save_flags[@]}" -o "$work/image.tar" "$image" ||
+    die "docker save $image failed (pull it again with --platform $platform)"
+  "$kind" load image-archive --name "$cluster" "$work/image.tar" ||
+    die "kind load image-archive failed for $image"
+done
+rm -f "$work/image.tar"
 
 # ---- 2. the stand-in vLLM -------------------------------------------------------------
 say "deploying the upstream simulator as vllm:8000"
@@ -210,5 +234,25 @@ retry 60 "ApiKey e2e-key to report Ready=True" ready
 # ---- 5. the cluster-marked tests ------------------------------------------------------
 say "pytest -m cluster"
 TOLLGATE_NAMESPACE="$ns" "$python" -m pytest -m cluster -q tests/operator tests/chart
+
+# ---- 6. what only a real cluster shows ------------------------------------------------
+say "drift repair: deleting deployment/$release-gateway"
+kubectl -n "$ns" delete "deployment/$release-gateway" --wait=true
+retry 60 "the operator to restore deployment/$release-gateway" \
+  kubectl -n "$ns" get "deployment/$release-gateway"
+kubectl -n "$ns" rollout status "deployment/$release-gateway" --timeout=300s
+
+say "NetworkPolicy: Postgres refuses a pod that is not a gateway"
+kubectl create namespace e2e-outsider --dry-run=client -o yaml | kubectl apply -f -
+if kubectl -n e2e-outsider run probe --rm -i --restart=Never --image="$pg_image" \
+  --command -- pg_isready -t 5 -h "$release-postgres.$ns.svc" -p 5432 >&2; then
+  die "a pod outside the release reached Postgres: the NetworkPolicy is not enforced"
+fi
+kubectl delete namespace e2e-outsider --wait=false >&2
+
+say "uninstall ends: helm uninstall, then the namespace"
+helm uninstall "$release" -n "$ns" --wait --timeout 2m
+timeout 120 kubectl delete namespace "$ns" --wait=true ||
+  die "namespace $ns stuck Terminating after helm uninstall (a finalizer without its operator?)"
 
 say "all good"

@@ -1,6 +1,8 @@
-"""Fixtures for every suite that runs the gateway: one simulator and one gateway shared by
-the tests that only send traffic, and factories for tests that need their own (faults,
-drain, limits, other settings). The processes themselves are in support/servers.py."""
+"""Fixtures for every suite: the PostgreSQL the quota and operator tests use (found, or
+started and removed: support/pg.py); for the suites that run the gateway, one simulator
+and one gateway shared by the tests that only send traffic, and factories for tests that
+need their own (faults, drain, limits, other settings). The processes themselves are in
+support/servers.py."""
 
 from __future__ import annotations
 
@@ -9,7 +11,23 @@ from pathlib import Path
 
 import openai
 import pytest
-from servers import KEY_A, Gateway, Sim
+from pg import find_database
+from servers import KEY_A, Gateway, Sim, free_port
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    found = find_database(free_port())
+    if found is None:
+        pytest.exit(
+            "no PostgreSQL for the tests: set DATABASE_URL, run one on 127.0.0.1:5432,"
+            " or install the server binaries (apt-get install postgresql)",
+            returncode=2,
+        )
+    url, temp = found
+    yield url
+    if temp is not None:
+        temp.remove()
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,15 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from tollgate_contract import env as E
+from tollgate_contract.config import CONFIG_SECRET_KEY
+
 from .settings import API_VERSION, MANAGED_BY, SETTINGS
 
-CONFIG_KEY = "config.json"
 CONFIG_DIR = "/etc/tollgate"
 GATEWAY_PORT = 8080
+# Metrics (per-key labels) on their own port, never on the client-facing Service.
+GATEWAY_METRICS_PORT = 9090
 EXPORTER_PORT = 9101
 VERSION_ANNOTATION = "tollgate.dev/config-version"
 GPU_SELECTOR = {"nvidia.com/gpu.present": "true"}
@@ -29,6 +33,14 @@ Manifest = dict[str, Any]
 
 def gateway_name(gateway: str) -> str:
     return f"{gateway}-gateway"
+
+
+def metrics_service_name(gateway: str) -> str:
+    return f"{gateway}-gateway-metrics"
+
+
+def upstream_policy_name(gateway: str) -> str:
+    return f"{gateway}-gateway-upstream"
 
 
 def config_secret_name(gateway: str) -> str:
@@ -70,7 +82,9 @@ def owner_reference(kind: str, name: str, uid: str) -> dict[str, Any]:
     }
 
 
-def _meta(name: str, namespace: str, owner: dict[str, Any], component: str, instance: str):
+def _meta(
+    name: str, namespace: str, owner: dict[str, Any], component: str, instance: str
+) -> dict[str, Any]:
     return {
         "name": name,
         "namespace": namespace,
@@ -104,7 +118,7 @@ def config_secret(gw: Manifest, document: bytes, version: str) -> Manifest:
         "kind": "Secret",
         "metadata": meta,
         "type": "Opaque",
-        "data": {CONFIG_KEY: _b64(document)},
+        "data": {CONFIG_SECRET_KEY: _b64(document)},
     }
 
 
@@ -122,8 +136,10 @@ def gateway_service_account(gw: Manifest) -> Manifest:
 
 
 def gateway_role(gw: Manifest) -> Manifest:
-    """Lets gateway pods watch their own config Secret (the fast revocation path), and
-    nothing else: one Secret, by name, read-only."""
+    """Lets gateway pods read and watch their own config Secret (the fast revocation path),
+    and nothing else: one Secret, by name, get and watch (the gateway GETs it by name, then
+    watches with a metadata.name field selector, which the API server authorizes against
+    resourceNames). No list: a list cannot be limited to one name."""
     name, ns = gw["metadata"]["name"], gw["metadata"]["namespace"]
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -134,7 +150,7 @@ def gateway_role(gw: Manifest) -> Manifest:
                 "apiGroups": [""],
                 "resources": ["secrets"],
                 "resourceNames": [config_secret_name(name)],
-                "verbs": ["get", "list", "watch"],
+                "verbs": ["get", "watch"],
             }
         ],
     }
@@ -170,31 +186,35 @@ def gateway_deployment(gw: Manifest) -> Manifest:
     delay = int(spec.get("shutdownDelaySeconds", 5))
     # One of url / urls / dnsName (the CRD requires exactly one).
     if upstream.get("dnsName"):
-        env: list[dict[str, Any]] = [{"name": "VLLM_DNS_NAME", "value": upstream["dnsName"]}]
+        env: list[dict[str, Any]] = [{"name": E.VLLM_DNS_NAME, "value": upstream["dnsName"]}]
     elif upstream.get("urls"):
-        env = [{"name": "VLLM_URLS", "value": ",".join(upstream["urls"])}]
+        env = [{"name": E.VLLM_URLS, "value": ",".join(upstream["urls"])}]
     else:
-        env = [{"name": "VLLM_URL", "value": upstream.get("url", "")}]
+        env = [{"name": E.VLLM_URL, "value": upstream.get("url", "")}]
     if upstream.get("sessionAffinity", "off") != "off":
-        env.append({"name": "GATEWAY_SESSION_AFFINITY", "value": upstream["sessionAffinity"]})
+        env.append({"name": E.GATEWAY_SESSION_AFFINITY, "value": upstream["sessionAffinity"]})
     if upstream.get("apiKeySecretRef"):
-        env.append(_secret_env("VLLM_API_KEY", upstream["apiKeySecretRef"], "api-key"))
+        env.append(_secret_env(E.VLLM_API_KEY, upstream["apiKeySecretRef"], "api-key"))
     if spec.get("servedModelName"):
-        env.append({"name": "SERVED_MODEL_NAME", "value": spec["servedModelName"]})
+        env.append({"name": E.SERVED_MODEL_NAME, "value": spec["servedModelName"]})
     env += [
-        {"name": "GATEWAY_PORT", "value": str(GATEWAY_PORT)},
-        {"name": "GATEWAY_CONFIG_FILE", "value": f"{CONFIG_DIR}/{CONFIG_KEY}"},
-        {"name": "GATEWAY_CONFIG_SECRET", "value": f"{ns}/{config_secret_name(name)}"},
-        {"name": "GATEWAY_DRAIN_SECONDS", "value": str(drain)},
-        {"name": "GATEWAY_SHUTDOWN_DELAY_SECONDS", "value": str(delay)},
+        {"name": E.GATEWAY_PORT, "value": str(GATEWAY_PORT)},
+        {"name": E.GATEWAY_METRICS_PORT, "value": str(GATEWAY_METRICS_PORT)},
+        {"name": E.GATEWAY_CONFIG_FILE, "value": f"{CONFIG_DIR}/{CONFIG_SECRET_KEY}"},
+        {"name": E.GATEWAY_CONFIG_SECRET, "value": f"{ns}/{config_secret_name(name)}"},
+        {"name": E.GATEWAY_DRAIN_SECONDS, "value": str(drain)},
+        {"name": E.GATEWAY_SHUTDOWN_DELAY_SECONDS, "value": str(delay)},
     ]
     if spec.get("database", {}).get("urlSecretRef"):
-        env.append(_secret_env("DATABASE_URL", spec["database"]["urlSecretRef"], "database-url"))
+        env.append(_secret_env(E.DATABASE_URL, spec["database"]["urlSecretRef"], "database-url"))
     container: dict[str, Any] = {
         "name": "gateway",
         "image": spec.get("image") or SETTINGS.gateway_image,
         "imagePullPolicy": spec.get("imagePullPolicy", "IfNotPresent"),
-        "ports": [{"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "http", "containerPort": GATEWAY_PORT, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": GATEWAY_METRICS_PORT, "protocol": "TCP"},
+        ],
         "env": env,
         "livenessProbe": {
             "httpGet": {"path": "/health", "port": "http"},
@@ -232,27 +252,40 @@ def gateway_deployment(gw: Manifest) -> Manifest:
     }
     if spec.get("imagePullSecrets"):
         pod_spec["imagePullSecrets"] = spec["imagePullSecrets"]
-    if spec.get("nodeSelector"):
-        pod_spec["nodeSelector"] = spec["nodeSelector"]
-    if spec.get("tolerations"):
-        pod_spec["tolerations"] = spec["tolerations"]
+    for field in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
+        if spec.get(field):
+            pod_spec[field] = spec[field]
+    # Spread replicas over nodes by default, so one node going away takes at most one.
+    pod_spec["topologySpreadConstraints"] = spec.get("topologySpreadConstraints") or [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": selector_labels("gateway", name)},
+        }
+    ]
+    template_meta: dict[str, Any] = {
+        "labels": {**(spec.get("podLabels") or {}), **labels("gateway", name)}
+    }
+    if spec.get("podAnnotations"):
+        template_meta["annotations"] = dict(spec["podAnnotations"])
+    deployment_spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector_labels("gateway", name)},
+        "strategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+        },
+        # No config hash here on purpose: config changes reload in place.
+        "template": {"metadata": template_meta, "spec": pod_spec},
+    }
+    # With autoscaling the replica count belongs to the HPA (through the scale
+    # subresource of the InferenceGateway): the Deployment follows spec.replicas.
+    deployment_spec["replicas"] = int(spec.get("replicas", 2))
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _meta(gateway_name(name), ns, _gw_owner(gw), "gateway", name),
-        "spec": {
-            "replicas": int(spec.get("replicas", 2)),
-            "selector": {"matchLabels": selector_labels("gateway", name)},
-            "strategy": {
-                "type": "RollingUpdate",
-                "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
-            },
-            "template": {
-                # No config hash here on purpose: config changes reload in place.
-                "metadata": {"labels": labels("gateway", name)},
-                "spec": pod_spec,
-            },
-        },
+        "spec": deployment_spec,
     }
 
 
@@ -265,7 +298,27 @@ def gateway_service(gw: Manifest) -> Manifest:
         "spec": {
             "type": gw.get("spec", {}).get("service", {}).get("type", "ClusterIP"),
             "selector": selector_labels("gateway", name),
+            # The API only: metrics are on gateway_metrics_service.
             "ports": [{"name": "http", "port": GATEWAY_PORT, "targetPort": "http"}],
+        },
+    }
+
+
+def gateway_metrics_service(gw: Manifest) -> Manifest:
+    """ClusterIP, whatever the API Service's type: metrics are never published with it."""
+    name, ns = gw["metadata"]["name"], gw["metadata"]["namespace"]
+    meta = _meta(metrics_service_name(name), ns, _gw_owner(gw), "gateway", name)
+    meta["labels"]["tollgate.dev/metrics"] = "true"
+    # Prometheus' job label (ServiceMonitor jobLabel): the API Service's name, as before.
+    meta["labels"]["tollgate.dev/job"] = gateway_name(name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels("gateway", name),
+            "ports": [{"name": "metrics", "port": GATEWAY_METRICS_PORT, "targetPort": "metrics"}],
         },
     }
 
@@ -280,6 +333,52 @@ def gateway_pdb(gw: Manifest) -> Manifest:
         "spec": {
             "maxUnavailable": max_unavailable,
             "selector": {"matchLabels": selector_labels("gateway", name)},
+            # Pods that are not Ready (e.g. during an upstream outage) may always be
+            # evicted: a node drain is never blocked by them.
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
+    }
+
+
+def gateway_network_policy(gw: Manifest) -> Manifest:
+    """The gateway pods accept the API port (from `apiFrom`, default anyone, like the
+    Service) and the metrics port, nothing else. Egress stays open: vLLM, the quota store
+    and the API server are wherever the cluster has them."""
+    name, ns = gw["metadata"]["name"], gw["metadata"]["namespace"]
+    netpol = (gw.get("spec") or {}).get("networkPolicy") or {}
+    api_rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": GATEWAY_PORT}]}
+    if netpol.get("apiFrom"):
+        api_rule["from"] = netpol["apiFrom"]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(gateway_name(name), ns, _gw_owner(gw), "gateway", name),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels("gateway", name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                api_rule,
+                {"ports": [{"protocol": "TCP", "port": GATEWAY_METRICS_PORT}]},
+            ],
+        },
+    }
+
+
+def upstream_network_policy(gw: Manifest) -> Manifest:
+    """vLLM is never exposed directly: the pods `upstreamPodSelector` selects accept
+    traffic only from this gateway's pods."""
+    name, ns = gw["metadata"]["name"], gw["metadata"]["namespace"]
+    selector = dict(((gw.get("spec") or {}).get("networkPolicy") or {})["upstreamPodSelector"])
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(upstream_policy_name(name), ns, _gw_owner(gw), "gateway", name),
+        "spec": {
+            "podSelector": {"matchLabels": selector},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": selector_labels("gateway", name)}}]}
+            ],
         },
     }
 
@@ -292,8 +391,11 @@ def gateway_service_monitor(gw: Manifest) -> Manifest:
         "kind": "ServiceMonitor",
         "metadata": _meta(gateway_name(name), ns, _gw_owner(gw), "gateway", name),
         "spec": {
-            "selector": {"matchLabels": selector_labels("gateway", name)},
-            "endpoints": [{"port": "http", "path": "/metrics", "interval": interval}],
+            "jobLabel": "tollgate.dev/job",
+            "selector": {
+                "matchLabels": {**selector_labels("gateway", name), "tollgate.dev/metrics": "true"}
+            },
+            "endpoints": [{"port": "metrics", "path": "/metrics", "interval": interval}],
         },
     }
 
@@ -337,6 +439,10 @@ def exporter_daemonset(gx: Manifest) -> Manifest:
             "name": "GPU_EXPORTER_POD_RESOURCES_SOCKET",
             "value": f"{socket_dir}/kubelet.sock" if with_pod_resources else "",
         },
+        # The NVIDIA container toolkit injects libnvidia-ml (and the device nodes) only into
+        # containers that ask for it: without these the exporter sees no GPU.
+        {"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"},
+        {"name": "NVIDIA_DRIVER_CAPABILITIES", "value": "utility"},
     ]
     container: dict[str, Any] = {
         "name": "exporter",
@@ -344,8 +450,19 @@ def exporter_daemonset(gx: Manifest) -> Manifest:
         "imagePullPolicy": spec.get("imagePullPolicy", "IfNotPresent"),
         "ports": [{"name": "metrics", "containerPort": EXPORTER_PORT, "protocol": "TCP"}],
         "env": env,
-        "livenessProbe": {"httpGet": {"path": "/health", "port": "metrics"}, "periodSeconds": 15},
-        "readinessProbe": {"httpGet": {"path": "/health", "port": "metrics"}, "periodSeconds": 10},
+        # /health fails only on a stuck collector (a restart may help); /ready also while
+        # NVML is down or a GPU is stale, so a node exporting nothing is not Ready.
+        "livenessProbe": {
+            "httpGet": {"path": "/health", "port": "metrics"},
+            "initialDelaySeconds": 10,
+            "periodSeconds": 20,
+            "failureThreshold": 3,
+        },
+        "readinessProbe": {
+            "httpGet": {"path": "/ready", "port": "metrics"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
         "resources": spec.get("resources")
         or {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}},
         # The pod-resources socket is root-owned 0660 on most kubelets: reading it needs root.
@@ -379,7 +496,7 @@ def exporter_daemonset(gx: Manifest) -> Manifest:
                     "automountServiceAccountToken": False,
                     "nodeSelector": spec.get("nodeSelector") or GPU_SELECTOR,
                     "tolerations": spec.get("tolerations") or GPU_TOLERATIONS,
-                    "priorityClassName": "system-node-critical",
+                    **_exporter_pod_options(spec),
                     "containers": [container],
                     "volumes": volumes,
                     **(
@@ -391,6 +508,22 @@ def exporter_daemonset(gx: Manifest) -> Manifest:
             },
         },
     }
+
+
+def _exporter_pod_options(spec: Manifest) -> dict[str, Any]:
+    """The optional pod fields: the runtime class that carries the NVIDIA hook ("nvidia"
+    with the GPU operator; none where the toolkit is the default runtime), per-process
+    memory (hostPID), a priority class, affinity."""
+    options: dict[str, Any] = {}
+    if spec.get("runtimeClassName"):
+        options["runtimeClassName"] = spec["runtimeClassName"]
+    if spec.get("hostPID"):
+        options["hostPID"] = True
+    if spec.get("priorityClassName"):
+        options["priorityClassName"] = spec["priorityClassName"]
+    if spec.get("affinity"):
+        options["affinity"] = spec["affinity"]
+    return options
 
 
 def exporter_service(gx: Manifest) -> Manifest:

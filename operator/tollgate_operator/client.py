@@ -62,6 +62,7 @@ SERVICE_ACCOUNTS = Kind("", "v1", "serviceaccounts")
 DEPLOYMENTS = Kind("apps", "v1", "deployments")
 DAEMONSETS = Kind("apps", "v1", "daemonsets")
 PDBS = Kind("policy", "v1", "poddisruptionbudgets")
+NETWORK_POLICIES = Kind("networking.k8s.io", "v1", "networkpolicies")
 ROLES = Kind("rbac.authorization.k8s.io", "v1", "roles")
 ROLE_BINDINGS = Kind("rbac.authorization.k8s.io", "v1", "rolebindings")
 SERVICE_MONITORS = Kind("monitoring.coreos.com", "v1", "servicemonitors")
@@ -90,7 +91,7 @@ class KubeClient:
     async def connect(cls) -> KubeClient:
         """In-cluster service account when there is one, else the kubeconfig."""
         try:
-            config.load_incluster_config()
+            config.load_incluster_config()  # type: ignore[no-untyped-call]
         except config.ConfigException:
             await config.load_kube_config()
         api = client.ApiClient()
@@ -111,7 +112,9 @@ class KubeClient:
                 return None
             raise
 
-    async def create(self, kind: Kind, namespace: str | None, body: dict[str, Any]) -> dict:
+    async def create(
+        self, kind: Kind, namespace: str | None, body: dict[str, Any]
+    ) -> dict[str, Any]:
         return await self._call("POST", kind.path(namespace), body)
 
     async def patch(

@@ -182,7 +182,7 @@ def build(
     now: datetime.datetime,
 ) -> Built:
     """The document for one gateway; `materials` is by ApiKey uid."""
-    built = Built(GatewayConfig())
+    built = Built(GatewayConfig.model_validate({}))
     entries: dict[str, KeySpec] = {}
     used_policies: set[str] = set()
     horizon: list[datetime.datetime] = []
@@ -219,10 +219,12 @@ def build(
     default = gateway.default_policy if gateway.default_policy in policies else None
     if default is not None:
         used_policies.add(default)
-    built.config = GatewayConfig(
-        policies={name: policies[name].to_policy() for name in sorted(used_policies)},
-        default_policy=default,
-        keys=entries,
+    built.config = GatewayConfig.model_validate(
+        {
+            "policies": {name: policies[name].to_policy() for name in sorted(used_policies)},
+            "defaultPolicy": default,
+            "keys": entries,
+        }
     )
     future = [t for t in horizon if t > now]
     built.next_change = min(future) if future else None

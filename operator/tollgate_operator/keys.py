@@ -1,17 +1,24 @@
 """Key material: generate it, read it from Secrets, and reduce it to hashes.
 
 Plain keys live only in Secrets; this module is the one place the operator holds them, and
-only long enough to hash them. The gateway config gets the SHA-256, status gets a 12-digit
-prefix of it (a fingerprint that identifies a key without revealing anything usable).
+only long enough to hash them. Hash and fingerprint are the contract's (`tollgate_contract.
+keys`), so the gateway and the operator compute them the same way.
+
+A Secret the user brings is read only when it opts in (label `OPT_IN_LABEL: "true"`):
+otherwise whoever may create ApiKeys could probe every Secret of the namespace (does it
+exist, is its value long enough, what is its hash). A Secret that is missing and one that
+has not opted in look the same from the ApiKey, and only generated keys show a fingerprint
+in status.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import secrets
 from dataclasses import dataclass
 from typing import Any
+
+from tollgate_contract.keys import key_hash
 
 KEY_PREFIX = "sk-tg-"
 CURRENT = "key"
@@ -24,12 +31,12 @@ def generate() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def sha256(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+OPT_IN_LABEL = "tollgate.dev/api-key"
 
 
-def fingerprint(digest: str) -> str:
-    return digest[:12]
+def opted_in(secret: dict[str, Any]) -> bool:
+    labels = (secret.get("metadata") or {}).get("labels") or {}
+    return labels.get(OPT_IN_LABEL) == "true"
 
 
 @dataclass(frozen=True)
@@ -68,4 +75,4 @@ def material_from_secret(secret: dict[str, Any], key_field: str, previous_field:
     if len(key) < MIN_KEY_LENGTH:
         raise MaterialError("WeakKey", f"the key in Secret {name} is under {MIN_KEY_LENGTH} chars")
     previous = decode(secret, previous_field)
-    return Material(sha256(key), sha256(previous) if previous else None, name)
+    return Material(key_hash(key), key_hash(previous) if previous else None, name)

@@ -51,14 +51,13 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def _quiet_timers(record: logging.LogRecord) -> bool:
-    """kopf logs every timer run ("Timer 'refresh' succeeded."): with a status timer per
-    ApiKey that is a line per key every interval, for nothing. Failures still show."""
-    return not (
-        record.name.startswith("kopf.objects")
-        and record.levelno == logging.INFO
-        and record.getMessage().startswith("Timer ")
-        and record.getMessage().endswith(" succeeded.")
-    )
+    """kopf logs every timer run and every watch-event handler ("Timer 'refresh'
+    succeeded.", "Handler 'child_changed' succeeded."): a line per object per interval and
+    per watch event, for nothing. Failures still show."""
+    if not (record.name.startswith("kopf.objects") and record.levelno == logging.INFO):
+        return True
+    message = record.getMessage()
+    return not (message.startswith(("Timer ", "Handler ")) and message.endswith(" succeeded."))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

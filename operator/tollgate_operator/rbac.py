@@ -1,10 +1,11 @@
 """Exactly the Kubernetes API access the operator needs: the chart's ClusterRole.
 
-`USED` is what the operator (kopf included) calls; tests/operator/test_rbac.py derives the
-same set from the API emulator's request log and fails when they drift. `GRANT_ONLY` is
-access the operator never uses itself but must hold because the API server only lets it
-create a Role granting what it has (RBAC escalation prevention): each gateway's Role lets
-its pods get/list/watch their one config Secret.
+`USED` is what the operator (kopf included) calls; tests/operator/test_operator_rbac.py
+derives the same set from the API emulator's request log and fails when they drift, and the
+emulator enforces the chart's rendering of it. `GRANT_ONLY` is access the operator never
+calls but the API server checks on its behalf (owner-reference permission enforcement).
+Each gateway's Role (get/watch on its one config Secret) is covered by USED's secrets
+verbs, as RBAC escalation prevention demands.
 
 Discovery (`/api`, `/apis/...`) is allowed to every authenticated user by the default
 `system:discovery` role and needs no rule here.
@@ -16,32 +17,45 @@ from typing import Any
 
 # (apiGroup, resource) -> verbs
 USED: dict[tuple[str, str], frozenset[str]] = {
-    # kopf: list/watch the custom resources, patch finalizers and its annotations.
-    # The operator: get them (status refresh), patch their status.
+    # kopf: list/watch the custom resources, patch its annotations (ApiKey handler
+    # progress). The operator: get them (status), patch their status.
     ("tollgate.dev", "apikeys"): frozenset({"get", "list", "watch", "patch"}),
-    ("tollgate.dev", "quotapolicies"): frozenset({"get", "list", "watch", "patch"}),
-    ("tollgate.dev", "inferencegateways"): frozenset({"get", "list", "watch", "patch"}),
-    ("tollgate.dev", "gpuexporters"): frozenset({"get", "list", "watch", "patch"}),
+    ("tollgate.dev", "quotapolicies"): frozenset({"get", "list", "watch"}),
+    ("tollgate.dev", "inferencegateways"): frozenset({"get", "list", "watch"}),
+    ("tollgate.dev", "gpuexporters"): frozenset({"get", "list", "watch"}),
     ("tollgate.dev", "apikeys/status"): frozenset({"patch"}),
     ("tollgate.dev", "quotapolicies/status"): frozenset({"patch"}),
     ("tollgate.dev", "inferencegateways/status"): frozenset({"patch"}),
     ("tollgate.dev", "gpuexporters/status"): frozenset({"patch"}),
-    # Key Secrets (read users', create and rotate generated ones), config Secrets,
-    # and the DATABASE_URL Secret for usage.
-    ("", "secrets"): frozenset({"get", "create", "patch"}),
-    ("", "services"): frozenset({"get", "create", "patch"}),
-    ("", "serviceaccounts"): frozenset({"get", "create", "patch"}),
+    # Key Secrets (read users', create and rotate generated ones), config Secrets, the
+    # DATABASE_URL Secret for usage; list/watch: the operator's children are watched so
+    # that a child deleted or edited by hand is restored within seconds.
+    ("", "secrets"): frozenset({"get", "list", "watch", "create", "patch"}),
+    ("", "services"): frozenset({"get", "list", "watch", "create", "patch"}),
+    ("", "serviceaccounts"): frozenset({"get", "list", "watch", "create", "patch"}),
     ("", "events"): frozenset({"create"}),  # kopf.event / kopf.warn and handler failures
-    ("apps", "deployments"): frozenset({"get", "create", "patch"}),
-    ("apps", "daemonsets"): frozenset({"get", "create", "patch"}),
-    ("policy", "poddisruptionbudgets"): frozenset({"get", "create", "patch", "delete"}),
-    ("rbac.authorization.k8s.io", "roles"): frozenset({"get", "create", "patch"}),
-    ("rbac.authorization.k8s.io", "rolebindings"): frozenset({"get", "create", "patch"}),
+    ("apps", "deployments"): frozenset({"get", "list", "watch", "create", "patch"}),
+    ("apps", "daemonsets"): frozenset({"get", "list", "watch", "create", "patch"}),
+    ("policy", "poddisruptionbudgets"): frozenset(
+        {"get", "list", "watch", "create", "patch", "delete"}
+    ),
+    ("networking.k8s.io", "networkpolicies"): frozenset(
+        {"get", "list", "watch", "create", "patch", "delete"}
+    ),
+    ("rbac.authorization.k8s.io", "roles"): frozenset({"get", "list", "watch", "create", "patch"}),
+    ("rbac.authorization.k8s.io", "rolebindings"): frozenset(
+        {"get", "list", "watch", "create", "patch"}
+    ),
     ("monitoring.coreos.com", "servicemonitors"): frozenset({"get", "create", "patch", "delete"}),
 }
 
 GRANT_ONLY: dict[tuple[str, str], frozenset[str]] = {
-    ("", "secrets"): frozenset({"list", "watch"}),
+    # Never called, but checked by the API server: children carry owner references with
+    # blockOwnerDeletion, which the OwnerReferencesPermissionEnforcement admission plugin
+    # (on by default on OpenShift) allows only to who may update the owner's finalizers.
+    ("tollgate.dev", "inferencegateways/finalizers"): frozenset({"update"}),
+    ("tollgate.dev", "gpuexporters/finalizers"): frozenset({"update"}),
+    ("tollgate.dev", "apikeys/finalizers"): frozenset({"update"}),
 }
 
 

@@ -1,27 +1,43 @@
 """The operator's in-memory state, shared by the handlers through kopf's memo.
 
 It holds what is not in any single object: the API client, the hashes read from key
-Secrets (by ApiKey uid), today's usage per gateway, and one ConfigWriter per gateway. All
-of it can be rebuilt from the cluster, which is what happens after a restart.
+Secrets (by ApiKey uid), today's usage per gateway, one ConfigWriter and one Converger per
+parent, and one lock per object whose status is written. All of it can be rebuilt from
+the cluster, which is what happens after a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from .client import SECRETS, KubeClient
-from .configdoc import ApiKeyView
-from .keys import Material, MaterialError, material_from_secret
-from .usage import Usage, UsageReader
+import kopf
 
-log = logging.getLogger(__name__)
+from .client import SECRETS, Kind, KubeClient
+from .configdoc import ApiKeyView, GatewayView
+from .keys import OPT_IN_LABEL, Material, MaterialError, material_from_secret, opted_in
+from .usage import DayUsage, UsageReader
+
+if TYPE_CHECKING:
+    from .converge import Converger
+    from .writer import ConfigWriter
 
 KeyStatusHook = Callable[[str, Iterable[str]], Awaitable[None]]
+
+
+class ObjectKey(NamedTuple):
+    """One object of one kind: what locks and per-object state are keyed by."""
+
+    kind: Kind
+    namespace: str
+    name: str
+
+
+class GatewayKey(NamedTuple):
+    namespace: str
+    name: str
 
 
 @dataclass
@@ -30,25 +46,37 @@ class Runtime:
     usage_reader: UsageReader = field(default_factory=UsageReader)
     # ApiKey uid -> the hashes of its key (or why there are none).
     materials: dict[str, Material | MaterialError] = field(default_factory=dict)
-    # (namespace, gateway) -> {key name -> today's usage}
-    usage: dict[tuple[str, str], dict[str, Usage]] = field(default_factory=dict)
-    writers: dict[tuple[str, str], Any] = field(default_factory=dict)  # ConfigWriter
-    locks: defaultdict[tuple[str, str, str], asyncio.Lock] = field(
-        default_factory=lambda: defaultdict(asyncio.Lock)
-    )
+    # Today's usage of each gateway's keys.
+    usage: dict[GatewayKey, DayUsage] = field(default_factory=dict)
+    writers: dict[GatewayKey, ConfigWriter] = field(default_factory=dict)
+    # Parent uid -> the loop that converges its children.
+    convergers: dict[str, Converger] = field(default_factory=dict)
+    locks: dict[ObjectKey, asyncio.Lock] = field(default_factory=dict)
     key_status_hook: KeyStatusHook | None = None
     # kopf's live index of InferenceGateways (set by the first handler that receives it).
-    gateway_index: Any = None
+    gateway_index: kopf.Index[GatewayKey, GatewayView] | None = None
+
+    def lock(self, kind: Kind, namespace: str, name: str) -> asyncio.Lock:
+        return self.locks.setdefault(ObjectKey(kind, namespace, name), asyncio.Lock())
 
     def gateway_alive(self, namespace: str, name: str) -> bool:
-        views = self.gateway_index.get((namespace, name), []) if self.gateway_index else []
+        if self.gateway_index is None:
+            return False
+        views: Iterable[GatewayView] = self.gateway_index.get(GatewayKey(namespace, name), [])
         return any(not v.deleting for v in views)
 
     def poke_namespace(self, namespace: str) -> None:
         """Something a gateway config may depend on changed in this namespace."""
-        for (ns, _), writer in list(self.writers.items()):
-            if ns == namespace:
+        for key, writer in list(self.writers.items()):
+            if key.namespace == namespace:
                 writer.poke()
+
+    def poke_owners(self, owner_uids: Iterable[str]) -> None:
+        """A child changed: its parents converge again."""
+        for uid in owner_uids:
+            converger = self.convergers.get(uid)
+            if converger is not None:
+                converger.poke()
 
     async def load_material(self, key: ApiKeyView) -> Material | MaterialError | None:
         """The key's hashes from its Secret (reads only; the ApiKey handler creates
@@ -59,11 +87,17 @@ class Runtime:
     def remember(
         self, key: ApiKeyView, secret: dict[str, Any] | None
     ) -> Material | MaterialError | None:
-        if secret is None:
+        result: Material | MaterialError
+        if not key.generated and (secret is None or not opted_in(secret)):
+            # Missing and not opted in read the same: no oracle over the namespace's Secrets.
+            result = MaterialError(
+                "SecretUnavailable",
+                f"Secret {key.secret_name} is missing or not labelled {OPT_IN_LABEL}=true",
+            )
+        elif secret is None:
             self.materials.pop(key.uid, None)
             return None
-        result: Material | MaterialError
-        if key.generated and not _owned(secret, key.uid):
+        elif key.generated and not _owned(secret, key.uid):
             result = MaterialError(
                 "SecretConflict", f"Secret {key.secret_name} exists and is not this key's"
             )

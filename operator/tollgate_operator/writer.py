@@ -21,15 +21,17 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from tollgate_contract.config import GatewayConfig, parse
+import kopf
+
+from tollgate_contract.config import CONFIG_SECRET_KEY, GatewayConfig, parse
 
 from . import children
 from .client import GATEWAYS, SECRETS
-from .conditions import status_patch
 from .configdoc import ApiKeyView, Built, GatewayView, PolicyView, Verdict, build, verdict
 from .reconcile import ensure
 from .runtime import Runtime
 from .settings import SETTINGS
+from .status import write_status
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +42,9 @@ class ConfigWriter:
         runtime: Runtime,
         namespace: str,
         name: str,
-        gateway_index: Any,
-        apikey_index: Any,
-        policy_index: Any,
+        gateway_index: kopf.Index[Any, GatewayView],
+        apikey_index: kopf.Index[Any, ApiKeyView],
+        policy_index: kopf.Index[Any, PolicyView],
     ) -> None:
         self.runtime = runtime
         self.namespace = namespace
@@ -79,6 +81,15 @@ class ConfigWriter:
     # ---- the loop -----------------------------------------------------------------------
 
     def poke(self) -> None:
+        self._dirty.set()
+
+    def observe(self, secret: dict[str, Any] | None) -> None:
+        """The config Secret as a watch delivered it (None: deleted). Our own writes are
+        recognised by their content and cost nothing; anything else (deleted, edited by
+        hand) is rewritten from the document."""
+        if secret is not None and _content_version(secret) == self.version:
+            return
+        self.version = None
         self._dirty.set()
 
     async def run(self) -> None:
@@ -143,9 +154,10 @@ class ConfigWriter:
             SECRETS, self.namespace, children.config_secret_name(self.name)
         )
         if secret is None:
+            self.version, self.document = "", None
             return
         annotations = secret["metadata"].get("annotations") or {}
-        raw = (secret.get("data") or {}).get(children.CONFIG_KEY)
+        raw = (secret.get("data") or {}).get(CONFIG_SECRET_KEY)
         try:
             self.document = parse(base64.b64decode(raw)) if raw else None
         except ValueError:
@@ -173,21 +185,12 @@ class ConfigWriter:
             self._written.notify_all()
 
     async def _patch_gateway_status(self, keys: int, version: str) -> None:
-        client = self.runtime.client
-        async with self.runtime.locks[("gw", self.namespace, self.name)]:
-            current = await client.get(GATEWAYS, self.namespace, self.name)
-            if current is None:
-                return
-            wanted = {
-                "keys": keys,
-                "configVersion": version,
-                "configSecret": children.config_secret_name(self.name),
-            }
-            patch = status_patch(current.get("status"), wanted)
-            if patch:
-                await client.patch(
-                    GATEWAYS, self.namespace, self.name, {"status": patch}, status=True
-                )
+        wanted = {
+            "keys": keys,
+            "configVersion": version,
+            "configSecret": children.config_secret_name(self.name),
+        }
+        await write_status(self.runtime, GATEWAYS, self.namespace, self.name, lambda _: wanted)
 
     # ---- revocation ---------------------------------------------------------------------
 
@@ -207,6 +210,14 @@ class ConfigWriter:
             return True
         except TimeoutError:
             return False
+
+
+def _content_version(secret: dict[str, Any]) -> str | None:
+    raw = (secret.get("data") or {}).get(CONFIG_SECRET_KEY)
+    try:
+        return parse(base64.b64decode(raw)).version() if raw else None
+    except ValueError:
+        return None
 
 
 def _now() -> datetime.datetime:

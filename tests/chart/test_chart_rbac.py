@@ -33,9 +33,30 @@ def _expected() -> set[Triple]:
     }
 
 
-def test_cluster_role_is_exactly_rbac_py() -> None:
+def _operator_cluster_roles(docs: list[Manifest]) -> list[Manifest]:
+    """ClusterRoles but the aggregated view/edit ones (which grant users, not the operator)."""
+    return [
+        r for r in of_kind(docs, "ClusterRole") if r["metadata"]["name"] == f"{RELEASE}-operator"
+    ]
+
+
+def test_default_is_the_release_namespace_only() -> None:
     docs = render()
-    (role,) = of_kind(docs, "ClusterRole")
+    assert not _operator_cluster_roles(docs) and not of_kind(docs, "ClusterRoleBinding")
+    (role,) = of_kind(docs, "Role")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert _triples(role["rules"]) == _expected()
+    operator = one(docs, "Deployment", f"{RELEASE}-operator")
+    env = {
+        e["name"]: e.get("value")
+        for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["TOLLGATE_NAMESPACES"] == NAMESPACE
+
+
+def test_cluster_role_is_exactly_rbac_py() -> None:
+    docs = render({"operator": {"clusterWide": True}})
+    (role,) = _operator_cluster_roles(docs)
     assert _triples(role["rules"]) == _expected()
     # Same shape as cluster_role_rules(): one rule per (group, resource), verbs sorted.
     normalise = sorted((r["apiGroups"], r["resources"], sorted(r["verbs"])) for r in role["rules"])
@@ -45,22 +66,38 @@ def test_cluster_role_is_exactly_rbac_py() -> None:
     assert not of_kind(docs, "Role"), "the chart grants nothing else"
 
 
+def test_aggregated_view_and_edit_roles() -> None:
+    docs = render()
+    roles = {r["metadata"]["name"]: r for r in of_kind(docs, "ClusterRole")}
+    view, edit = roles[f"{RELEASE}-operator-view"], roles[f"{RELEASE}-operator-edit"]
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    kinds = {"apikeys", "quotapolicies", "inferencegateways", "gpuexporters"}
+    assert {r for g, r, v in _triples(view["rules"])} == kinds
+    assert {v for g, r, v in _triples(view["rules"])} == {"get", "list", "watch"}
+    assert "delete" in {v for g, r, v in _triples(edit["rules"])}
+    assert not of_kind(render({"rbac": {"aggregateToDefaultRoles": False}}), "ClusterRole")
+
+
 def test_nothing_is_wildcarded_or_escalating() -> None:
-    for group, resource, verb in _expected() | _triples(one(render(), "ClusterRole")["rules"]):
+    rules = one(render(), "Role")["rules"]
+    for group, resource, verb in _expected() | _triples(rules):
         assert "*" not in (group, resource, verb)
-        assert verb not in ("escalate", "bind", "impersonate", "update", "deletecollection")
-    secrets = {v for g, r, v in _triples(one(render(), "ClusterRole")["rules"]) if r == "secrets"}
+        assert verb not in ("escalate", "bind", "impersonate", "deletecollection")
+        # update only where owner-reference enforcement checks it: <kind>/finalizers.
+        assert verb != "update" or resource.endswith("/finalizers"), (resource, verb)
+    secrets = {v for g, r, v in _triples(rules) if r == "secrets"}
     assert "delete" not in secrets and "update" not in secrets
 
 
 def test_binding_is_the_operator_service_account() -> None:
-    docs = render()
+    docs = render({"operator": {"clusterWide": True}})
     binding = one(docs, "ClusterRoleBinding")
     account = one(docs, "ServiceAccount")
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
         "kind": "ClusterRole",
-        "name": one(docs, "ClusterRole")["metadata"]["name"],
+        "name": _operator_cluster_roles(docs)[0]["metadata"]["name"],
     }
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}
@@ -83,4 +120,4 @@ def test_namespaced_roles_are_exactly_rbac_py(namespaces: list[str]) -> None:
         assert bindings[namespace]["subjects"] == [
             {"kind": "ServiceAccount", "name": f"{RELEASE}-operator", "namespace": NAMESPACE}
         ]
-    assert not of_kind(docs, "ClusterRole") and not of_kind(docs, "ClusterRoleBinding")
+    assert not _operator_cluster_roles(docs) and not of_kind(docs, "ClusterRoleBinding")

@@ -6,7 +6,6 @@ Everything here is `helm template` with the real helm binary: no cluster involve
 
 from __future__ import annotations
 
-import base64
 import json
 import shutil
 from pathlib import Path
@@ -53,6 +52,11 @@ MATRIX: dict[str, dict[str, Any]] = {
     "monitoring-no-exporter": {"monitoring": MONITORING_ON},
     "replicas": {"gateway": {"replicas": 6, "servedModelName": "llama-3-8b"}},
     "namespaced-operator": {"operator": {"watchNamespaces": [NAMESPACE, "llm"]}},
+    "cluster-wide-operator": {"operator": {"clusterWide": True}},
+    "exporter-own-namespace": {
+        "gpuExporter": {"enabled": True, "namespace": "tollgate-gpu", "runtimeClassName": "nvidia"},
+        "operator": {"watchNamespaces": [NAMESPACE, "tollgate-gpu"]},
+    },
     "no-gateway": {"gateway": {"enabled": False}, "quotaPolicies": {"standard": None}},
     "ephemeral-db": {"database": {"embedded": {"persistence": {"enabled": False}}}},
     "registry": {"images": {"registry": "ghcr.io/acme", "tag": "1.2.3"}},
@@ -94,13 +98,14 @@ def test_helm_lint_strict_is_clean(case: str) -> None:
 def test_default_render_has_the_promised_objects() -> None:
     docs = render()
     assert _kind_counts(docs) == {
-        "ClusterRole": 1,
-        "ClusterRoleBinding": 1,
+        "ClusterRole": 2,  # aggregated into view/edit: users', not the operator's
+        "Role": 1,  # the operator's, in the release namespace only
+        "RoleBinding": 1,
+        "NetworkPolicy": 1,  # Postgres; the gateway's are the operator's to create
         "Deployment": 1,  # the operator; the gateway's is the operator's to create
         "InferenceGateway": 1,
         "Pod": 1,  # the helm test hook
         "QuotaPolicy": 1,
-        "Secret": 1,  # the generated Postgres password and DATABASE_URL
         "Service": 1,
         "ServiceAccount": 1,
         "StatefulSet": 1,
@@ -191,7 +196,11 @@ def test_every_object_is_labelled_and_in_the_release_namespace(case: str) -> Non
         if doc["kind"] in cluster_scoped:
             assert "namespace" not in meta, where
         elif doc["kind"] in ("Role", "RoleBinding"):
-            assert meta["namespace"] in MATRIX[case]["operator"]["watchNamespaces"], where
+            watched = MATRIX[case].get("operator", {}).get("watchNamespaces") or [NAMESPACE]
+            assert meta["namespace"] in watched, where
+        elif doc["kind"] == "GPUExporter":
+            wanted = MATRIX[case].get("gpuExporter", {}).get("namespace") or NAMESPACE
+            assert meta["namespace"] == wanted, where
         else:
             assert meta["namespace"] == NAMESPACE, where
 
@@ -202,7 +211,7 @@ def test_secret_references_resolve(case: str) -> None:
     values = MATRIX[case]
     docs = render(values)
     rendered = {d["metadata"]["name"] for d in of_kind(docs, "Secret")}
-    users = {"my-db", "vllm-key"}
+    users = {"my-db", "vllm-key", f"{RELEASE}-postgres"}  # the last: the operator's
     referenced: set[str] = set()
     for _, spec in pod_specs(docs):
         for container in spec["containers"]:
@@ -246,15 +255,18 @@ def test_database_choices() -> None:
     assert {"name": "data", "emptyDir": {}} in ephemeral["spec"]["template"]["spec"]["volumes"]
 
 
-def test_embedded_postgres_password_and_url_agree() -> None:
+def test_embedded_postgres_password_is_the_operators_to_make() -> None:
+    """#13.11: no random value in the render (GitOps renders are stable); the operator is
+    told which Secret to generate, once, and what its URL must say."""
     docs = render()
-    secret = one(docs, "Secret", f"{RELEASE}-postgres")
-    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
-    data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-    assert len(data["password"]) == 32 and data["password"].isalnum()
-    assert data["database-url"] == (
-        f"postgresql://tollgate:{data['password']}@{RELEASE}-postgres.{NAMESPACE}.svc:5432/tollgate"
-    )
+    assert not of_kind(docs, "Secret")
+    first = helm("template", RELEASE, str(CHART), "-n", NAMESPACE).stdout
+    assert helm("template", RELEASE, str(CHART), "-n", NAMESPACE).stdout == first
+    operator = one(docs, "Deployment", f"{RELEASE}-operator")["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in operator["containers"][0]["env"]}
+    assert env["TOLLGATE_POSTGRES_SECRET"] == f"{RELEASE}-postgres"
+    assert env["TOLLGATE_POSTGRES_HOST"] == f"{RELEASE}-postgres.{NAMESPACE}.svc"
+    assert env["TOLLGATE_POSTGRES_USER"] == env["TOLLGATE_POSTGRES_DB"] == "tollgate"
     statefulset = one(docs, "StatefulSet", f"{RELEASE}-postgres")
     assert statefulset["spec"]["serviceName"] == one(docs, "Service")["metadata"]["name"]
     (claim,) = statefulset["spec"]["volumeClaimTemplates"]
@@ -301,8 +313,11 @@ def test_monitoring_flags() -> None:
     assert monitors[f"{RELEASE}-gateway"]["spec"]["selector"]["matchLabels"] == {
         "app.kubernetes.io/name": "tollgate-gateway",
         "app.kubernetes.io/instance": RELEASE,
+        "tollgate.dev/metrics": "true",
     }
-    assert monitors[f"{RELEASE}-gateway"]["spec"]["endpoints"][0]["port"] == "http"
+    # Metrics have their own port and Service; the job label stays the API Service's name.
+    assert monitors[f"{RELEASE}-gateway"]["spec"]["endpoints"][0]["port"] == "metrics"
+    assert monitors[f"{RELEASE}-gateway"]["spec"]["jobLabel"] == "tollgate.dev/job"
     assert monitors[f"{RELEASE}-gpu-exporter"]["spec"]["endpoints"][0]["port"] == "metrics"
 
     only_gateway = render(MATRIX["monitoring-no-exporter"])
@@ -317,24 +332,33 @@ def test_operator_children_match_the_chart_service_monitors() -> None:
 
     docs = render(MATRIX["monitoring"])
     gw = {"metadata": {"name": RELEASE, "namespace": NAMESPACE, "uid": "u"}, "spec": {}}
-    service = children.gateway_service(gw)
+    service = children.gateway_metrics_service(gw)
     exporter = children.exporter_service(gw)
     monitors = {d["metadata"]["name"]: d for d in of_kind(docs, "ServiceMonitor")}
-    assert (
-        monitors[service["metadata"]["name"]]["spec"]["selector"]["matchLabels"]
-        == (service["spec"]["selector"])
-    )
+    gateway_monitor = monitors[children.gateway_name(RELEASE)]["spec"]
+    selected = gateway_monitor["selector"]["matchLabels"]
+    assert selected.items() <= service["metadata"]["labels"].items()
+    assert service["metadata"]["labels"][gateway_monitor["jobLabel"]] == f"{RELEASE}-gateway"
+    ports = {p["name"] for p in service["spec"]["ports"]}
+    assert gateway_monitor["endpoints"][0]["port"] in ports
+    # The API Service is not selected: it carries no metrics.
+    api = children.gateway_service(gw)
+    assert not selected.items() <= api["metadata"]["labels"].items()
     assert (
         monitors[exporter["metadata"]["name"]]["spec"]["selector"]["matchLabels"]
         == (exporter["spec"]["selector"])
     )
-    assert {p["name"] for p in service["spec"]["ports"]} == {"http"}
+    assert {p["name"] for p in service["spec"]["ports"]} == {"metrics"}
     assert {p["name"] for p in exporter["spec"]["ports"]} == {"metrics"}
 
 
 def test_namespaced_operator_gets_roles_not_cluster_roles() -> None:
     docs = render(MATRIX["namespaced-operator"])
-    assert "ClusterRole" not in kinds(docs) and "ClusterRoleBinding" not in kinds(docs)
+    assert "ClusterRoleBinding" not in kinds(docs)
+    assert {r["metadata"]["name"] for r in of_kind(docs, "ClusterRole")} == {
+        f"{RELEASE}-operator-view",
+        f"{RELEASE}-operator-edit",
+    }
     roles = {d["metadata"]["namespace"] for d in of_kind(docs, "Role")}
     bindings = {d["metadata"]["namespace"] for d in of_kind(docs, "RoleBinding")}
     assert roles == bindings == {NAMESPACE, "llm"}

@@ -24,20 +24,12 @@ from chart_support import CHART, NAMESPACE, RELEASE, helm, render_text, tool
 from harness import Kube, Operator, wait_until
 from k8s_emulator import EmulatorThread
 
-# Kinds the chart renders that the operator tests never needed the emulator to serve.
-CHART_KINDS = [
-    ("rbac.authorization.k8s.io/v1", "clusterroles", "ClusterRole", False),
-    ("rbac.authorization.k8s.io/v1", "clusterrolebindings", "ClusterRoleBinding", False),
-    ("apps/v1", "statefulsets", "StatefulSet", True),
-]
-
 
 @pytest.fixture
 def cluster() -> Iterator[EmulatorThread]:
-    emulator = EmulatorThread()
-    for entry in CHART_KINDS:
-        emulator.emulator.register(*entry)
-    with emulator:
+    with EmulatorThread() as emulator:
+        emulator.create_namespaces(NAMESPACE)
+        emulator.bind_anonymous_as_admin()  # kubectl: no token over plain HTTP
         yield emulator
 
 
@@ -60,7 +52,8 @@ def test_helm_template_applies_and_the_operator_reconciles_it(
     manifests = render_text(extra=("--skip-tests",))
     applied = kubectl(kubeconfig, "apply", "--validate=false", "-f", "-", stdin=manifests)
     for line in (
-        f"clusterrole.rbac.authorization.k8s.io/{RELEASE}-operator created",
+        f"role.rbac.authorization.k8s.io/{RELEASE}-operator created",
+        f"networkpolicy.networking.k8s.io/{RELEASE}-postgres created",
         f"deployment.apps/{RELEASE}-operator created",
         f"statefulset.apps/{RELEASE}-postgres created",
         f"inferencegateway.tollgate.dev/{RELEASE} created",
@@ -69,7 +62,16 @@ def test_helm_template_applies_and_the_operator_reconciles_it(
         assert line in applied, applied
 
     kube = Kube(cluster.url)
-    operator = Operator(cluster, tmp_path)
+    # As the chart's Deployment runs it: its ServiceAccount (authorized by the Role the
+    # chart just applied), watching the release namespace, told to make the DB Secret.
+    operator = Operator(
+        cluster,
+        tmp_path,
+        [NAMESPACE],
+        TOLLGATE_OPERATOR_NAMESPACE=NAMESPACE,
+        TOLLGATE_POSTGRES_SECRET=f"{RELEASE}-postgres",
+        TOLLGATE_POSTGRES_HOST=f"{RELEASE}-postgres.{NAMESPACE}.svc",
+    )
     try:
         deployment = wait_until(
             lambda: kube.get("Deployment", NAMESPACE, f"{RELEASE}-gateway"),
@@ -85,10 +87,13 @@ def test_helm_template_applies_and_the_operator_reconciles_it(
             "name": f"{RELEASE}-postgres",
             "key": "database-url",
         }
-        # The chart's generated Secret is the one the gateway will read.
-        assert kube.secret_data(NAMESPACE, f"{RELEASE}-postgres", "database-url").startswith(
-            "postgresql://tollgate:"
+        # The operator generated the Postgres Secret (once) that the gateway will read.
+        url = wait_until(
+            lambda: kube.secret_data(NAMESPACE, f"{RELEASE}-postgres", "database-url"),
+            what="the operator-generated Postgres Secret",
         )
+        password = kube.secret_data(NAMESPACE, f"{RELEASE}-postgres", "password")
+        assert url.startswith(f"postgresql://tollgate:{password}@")
 
         def config() -> dict | None:
             raw = kube.secret_data(NAMESPACE, f"{RELEASE}-gateway-config", "config.json")

@@ -82,6 +82,7 @@ def test_builtin_objects_validate_strictly(version: str) -> None:
         "ClusterRoleBinding",
         "ConfigMap",
         "Deployment",
+        "NetworkPolicy",
         "Pod",
         "Role",
         "RoleBinding",

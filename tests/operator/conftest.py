@@ -5,13 +5,23 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+HERE = Path(__file__).resolve().parent
+for _path in (HERE, HERE.parent / "chart"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from harness import Kube, Operator
-from k8s_emulator import EmulatorThread
+from harness import Kube, Operator, install_operator_rbac  # noqa: E402
+from k8s_emulator import EmulatorThread  # noqa: E402
+
+# Namespaces every test cluster has (created up front, as on a real cluster).
+NAMESPACES = ("default", "tollgate", "llm")
+# The chart's operator RBAC the tests install by default: a Role in each namespace the
+# tests use (the chart's namespaced mode, its default).
+DEFAULT_RBAC = {"operator": {"watchNamespaces": ["tollgate", "llm"]}}
 
 
 @pytest.fixture
@@ -20,6 +30,7 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[EmulatorThread]:
     monitoring.coreos.com/v1 as if the Prometheus operator were installed."""
     options = getattr(request, "param", {}) or {}
     with EmulatorThread(**options) as emulator:
+        emulator.create_namespaces(*NAMESPACES)
         yield emulator
 
 
@@ -33,9 +44,16 @@ def start_operator(
     cluster: EmulatorThread, tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., Operator]]:
     started: list[Operator] = []
+    installed: dict[str, list[str]] = {}
 
-    def start(**env: str) -> Operator:
-        operator = Operator(cluster, tmp_path, **env)
+    def start(rbac: dict[str, Any] | None = None, **env: str) -> Operator:
+        """The operator with the chart's RBAC for `rbac` values (default: namespaced,
+        watching tollgate and llm) installed first."""
+        values = rbac if rbac is not None else DEFAULT_RBAC
+        key = repr(sorted(values.items()))
+        if key not in installed:
+            installed[key] = install_operator_rbac(Kube(cluster.url), values)
+        operator = Operator(cluster, tmp_path, installed[key], **env)
         started.append(operator)
         return operator
 
@@ -46,6 +64,8 @@ def start_operator(
     if failed is not None and failed.failed:
         for operator in started:
             sys.stderr.write(operator.output()[-20000:])
+        for user, attrs in cluster.denials():
+            sys.stderr.write(f"RBAC denied {user.name}: {attrs}\n")
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""Test-side helpers: a tiny REST client for the emulator, the operator as a real process,
-polling with deadlines."""
+"""Test-side helpers: a tiny REST client for the emulator, the operator as a real process
+(authenticated as its ServiceAccount, authorized by the chart's own rendered RBAC), polling
+with deadlines."""
 
 from __future__ import annotations
 
@@ -12,8 +13,13 @@ from typing import Any
 
 import httpx
 import servers
-from k8s_emulator import TEST_USER_AGENT, EmulatorThread
+from k8s_emulator import ADMIN_TOKEN, TEST_USER_AGENT, EmulatorThread
 from servers import BIN, Process
+
+# The operator's identity: the chart's ServiceAccount in the release namespace.
+OPERATOR_NAMESPACE = "tollgate"
+OPERATOR_ACCOUNT = "tollgate-operator"
+RBAC_KINDS = {"ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"}
 
 # The tests poll the emulator every 50 ms: its request log is asserted on, so faster
 # polling would only add noise to it.
@@ -34,6 +40,11 @@ KINDS = {
     "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
     "Role": ("rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
+    "ClusterRole": ("rbac.authorization.k8s.io/v1", "clusterroles"),
+    "ClusterRoleBinding": ("rbac.authorization.k8s.io/v1", "clusterrolebindings"),
+    "NetworkPolicy": ("networking.k8s.io/v1", "networkpolicies"),
+    "Namespace": ("v1", "namespaces"),
+    "ConfigMap": ("v1", "configmaps"),
     "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors"),
 }
 
@@ -54,13 +65,14 @@ def path(kind: str, namespace: str | None, name: str | None = None, sub: str = "
 class Kube:
     """What a user with kubectl does, over HTTP (with a user agent the log can tell apart)."""
 
-    def __init__(self, url: str) -> None:
-        self.http = httpx.Client(base_url=url, headers={"User-Agent": TEST_USER_AGENT}, timeout=10)
+    def __init__(self, url: str, token: str = ADMIN_TOKEN) -> None:
+        headers = {"User-Agent": TEST_USER_AGENT, "Authorization": f"Bearer {token}"}
+        self.http = httpx.Client(base_url=url, headers=headers, timeout=10)
 
     def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Create, or merge-patch when it exists (like `kubectl apply` for our purposes)."""
         kind, meta = manifest["kind"], manifest["metadata"]
-        ns = meta.get("namespace", "default")
+        ns = meta.get("namespace", "default") if kind not in CLUSTER_SCOPED else None
         response = self.http.post(path(kind, ns), json=manifest)
         if response.status_code == 409:
             response = self.http.patch(
@@ -92,8 +104,9 @@ class Kube:
         response.raise_for_status()
         return response.json()["items"]
 
-    def delete(self, kind: str, ns: str, name: str) -> None:
-        response = self.http.delete(path(kind, ns, name))
+    def delete(self, kind: str, ns: str | None, name: str, propagation: str | None = None) -> None:
+        body = {"propagationPolicy": propagation} if propagation else None
+        response = self.http.request("DELETE", path(kind, ns, name), json=body)
         if response.status_code != 404:
             response.raise_for_status()
 
@@ -104,14 +117,52 @@ class Kube:
         return base64.b64decode(secret["data"][key]).decode()
 
 
-class Operator(Process):
-    """`tollgate-operator` as a child process pointed at the emulator."""
+CLUSTER_SCOPED = {"ClusterRole", "ClusterRoleBinding", "Namespace"}
 
-    def __init__(self, cluster: EmulatorThread, tmp: Path, **env: str) -> None:
-        kubeconfig = cluster.write_kubeconfig(tmp / "kubeconfig")
+
+def operator_rbac(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The operator's ServiceAccount and RBAC exactly as the chart renders them."""
+    from chart_support import render  # tests/chart (on sys.path via conftest)
+
+    base: dict[str, Any] = {"gateway": {"enabled": False}, "quotaPolicies": {}}
+    docs = render({**base, **(values or {})}, namespace=OPERATOR_NAMESPACE)
+    return [d for d in docs if d["kind"] in RBAC_KINDS]
+
+
+def install_operator_rbac(kube: Kube, values: dict[str, Any] | None = None) -> list[str]:
+    """Apply the chart's operator RBAC; returns the namespaces it watches ([] = all)."""
+    from chart_support import render
+
+    base: dict[str, Any] = {"gateway": {"enabled": False}, "quotaPolicies": {}}
+    for doc in operator_rbac(values):
+        kube.apply(doc)
+    docs = render({**base, **(values or {})}, namespace=OPERATOR_NAMESPACE)
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    env = {
+        e["name"]: e.get("value")
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    return [n for n in (env.get("TOLLGATE_NAMESPACES") or "").split(",") if n]
+
+
+class Operator(Process):
+    """`tollgate-operator` as a child process pointed at the emulator, authenticated as
+    the chart's operator ServiceAccount (so every request is authorized by the RBAC that
+    is stored in the emulator, as on a real cluster)."""
+
+    def __init__(
+        self,
+        cluster: EmulatorThread,
+        tmp: Path,
+        namespaces: list[str] | None = None,
+        **env: str,
+    ) -> None:
+        token = cluster.service_account_token(OPERATOR_NAMESPACE, OPERATOR_ACCOUNT)
+        kubeconfig = cluster.write_kubeconfig(tmp / f"kubeconfig-{time.monotonic_ns()}", token)
         defaults: dict[str, str | None] = {
             "KUBECONFIG": str(kubeconfig),
             "KUBERNETES_SERVICE_HOST": None,  # never the in-cluster config
+            "TOLLGATE_NAMESPACES": ",".join(namespaces or []),
             "TOLLGATE_STATUS_INTERVAL": "1",
             "TOLLGATE_DEBOUNCE_SECONDS": "0.2",
             "TOLLGATE_DEBOUNCE_MAX_SECONDS": "0.6",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime
 
 from tollgate_contract.config import parse
+from tollgate_contract.keys import key_hash as sha256
 from tollgate_operator.configdoc import ApiKeyView, GatewayView, PolicyView, build
-from tollgate_operator.keys import Material, MaterialError, sha256
+from tollgate_operator.keys import Material, MaterialError
 
 NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
 GW = GatewayView("ns", "gw", "uid-gw", default_policy="std", has_database=False)

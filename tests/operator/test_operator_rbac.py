@@ -61,7 +61,7 @@ def test_operator_uses_exactly_the_declared_access(
     # Children drifted by hand are put back on the next reconcile (patch).
     tamper = {"metadata": {"labels": {"app.kubernetes.io/managed-by": "someone"}}}
     gateway_kinds = ["Deployment", "Service", "ServiceAccount", "Role", "RoleBinding"]
-    gateway_kinds.append("PodDisruptionBudget")
+    gateway_kinds += ["PodDisruptionBudget", "NetworkPolicy"]
     for kind in [*gateway_kinds, "ServiceMonitor"]:
         kube.patch(kind, NS, "tollgate-gateway", tamper)
     kube.patch("InferenceGateway", NS, "tollgate", {"spec": {"replicas": 3}})
@@ -73,11 +73,13 @@ def test_operator_uses_exactly_the_declared_access(
         {
             "spec": {
                 "podDisruptionBudget": {"enabled": False},
+                "networkPolicy": {"enabled": False},
                 "monitoring": {"serviceMonitor": False},
             }
         },
     )
     wait_until(lambda: kube.get("PodDisruptionBudget", NS, "tollgate-gateway") is None)
+    wait_until(lambda: kube.get("NetworkPolicy", NS, "tollgate-gateway") is None)
     wait_until(lambda: kube.get("ServiceMonitor", NS, "tollgate-gateway") is None)
     kube.delete("ApiKey", NS, "b")
     wait_until(lambda: kube.get("ApiKey", NS, "b") is None)
@@ -95,7 +97,11 @@ def test_operator_uses_exactly_the_declared_access(
     kube.patch("GPUExporter", NS, "gpus", {"spec": {"intervalSeconds": 10}})
     wait_until(lambda: _managed(kube.get("ServiceMonitor", NS, "gpus-gpu-exporter")))
     kube.delete("QuotaPolicy", NS, "std")
-    wait_until(lambda: [e for e in kube.list("Event", NS) if e["reason"] == "PolicyInUse"])
+    wait_until(lambda: key_names(kube) == set(), what="keys out once their policy is gone")
+    # Drift: children deleted by hand come back (through the child watches).
+    kube.delete("Deployment", NS, "tollgate-gateway")
+    wait_until(lambda: kube.get("Deployment", NS, "tollgate-gateway"), what="the Deployment back")
+    assert cluster.denials() == [], "the chart's RBAC refused the operator something"
 
     used = used_access(cluster)
     declared = {k: set(v) for k, v in rbac.USED.items()}

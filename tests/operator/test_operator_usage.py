@@ -1,4 +1,5 @@
-"""Usage for ApiKey status, read from the real Postgres (127.0.0.1:5432, trust auth).
+"""Usage for ApiKey status, read from a real Postgres (the suite's `database_url`) in the
+table the contract defines.
 
 Each test creates its own schema and drops it, so runs never see each other's rows; the
 schema reaches asyncpg (and the operator) through the DSN's search_path option.
@@ -10,7 +11,6 @@ import asyncio
 import base64
 import datetime
 import secrets
-import socket
 from collections.abc import Iterator
 
 import asyncpg
@@ -18,41 +18,25 @@ import pytest
 from harness import Kube, Operator, wait_until
 from test_operator_reconcile import NS, apikey, gateway
 
-from tollgate_operator.usage import UsageReader
-
-BASE_DSN = "postgresql://postgres@127.0.0.1:5432/test"
-TABLE = """
-CREATE TABLE tollgate_usage (
-    key_name text NOT NULL, day date NOT NULL,
-    prompt_tokens bigint NOT NULL DEFAULT 0, completion_tokens bigint NOT NULL DEFAULT 0,
-    requests bigint NOT NULL DEFAULT 0, PRIMARY KEY (key_name, day))
-"""
-
-
-def _postgres_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _postgres_up(), reason="no PostgreSQL on 127.0.0.1:5432")
+from tollgate_contract.usage import MIGRATIONS
+from tollgate_operator.usage import DayUsage, UsageReader, usage_status
 
 
 @pytest.fixture
-def dsn() -> Iterator[str]:
+def dsn(database_url: str) -> Iterator[str]:
     schema = f"tollgate_op_{secrets.token_hex(4)}"
 
     async def run(sql: str) -> None:
-        conn = await asyncpg.connect(BASE_DSN)
+        conn = await asyncpg.connect(database_url)
         try:
             await conn.execute(sql)
         finally:
             await conn.close()
 
-    asyncio.run(run(f"CREATE SCHEMA {schema}; SET search_path TO {schema}; {TABLE}"))
-    yield f"{BASE_DSN}?options=-csearch_path%3D{schema}"
+    tables = "".join(MIGRATIONS)
+    asyncio.run(run(f"CREATE SCHEMA {schema}; SET search_path TO {schema}; {tables}"))
+    separator = "&" if "?" in database_url else "?"
+    yield f"{database_url}{separator}options=-csearch_path%3D{schema}"
     asyncio.run(run(f"DROP SCHEMA {schema} CASCADE"))
 
 
@@ -73,7 +57,7 @@ def test_reader_sums_today_only(dsn: str) -> None:
     today = datetime.datetime.now(datetime.UTC).date()
     yesterday = today - datetime.timedelta(days=1)
 
-    async def scenario() -> dict:
+    async def scenario() -> DayUsage:
         await _insert(
             dsn, [("a", today, 10, 5, 2), ("a", yesterday, 99, 99, 9), ("b", today, 1, 1, 1)]
         )
@@ -83,28 +67,31 @@ def test_reader_sums_today_only(dsn: str) -> None:
         finally:
             await reader.close()
 
-    usage = asyncio.run(scenario())
+    result = asyncio.run(scenario())
+    usage = result.keys
     assert usage["a"].tokens == 15 and usage["a"].requests == 2
-    assert usage["a"].as_status()["day"] == today.isoformat()
+    assert usage_status(result.day, usage["a"])["day"] == today.isoformat()
     assert usage["c"].tokens == 0  # no row yet: zero, not missing
     assert "b" not in usage
 
 
-def test_reader_without_table_reads_zero() -> None:
+def test_reader_without_table_reads_zero(database_url: str) -> None:
     schema = f"tollgate_empty_{secrets.token_hex(4)}"
+    separator = "&" if "?" in database_url else "?"
 
-    async def scenario() -> dict:
-        conn = await asyncpg.connect(BASE_DSN)
+    async def scenario() -> DayUsage:
+        conn = await asyncpg.connect(database_url)
         await conn.execute(f"CREATE SCHEMA {schema}")
         reader = UsageReader()
         try:
-            return await reader.today(f"{BASE_DSN}?options=-csearch_path%3D{schema}", ["a"])
+            dsn = f"{database_url}{separator}options=-csearch_path%3D{schema}"
+            return await reader.today(dsn, ["a"])
         finally:
             await reader.close()
             await conn.execute(f"DROP SCHEMA {schema} CASCADE")
             await conn.close()
 
-    assert asyncio.run(scenario())["a"].tokens == 0
+    assert asyncio.run(scenario()).keys["a"].tokens == 0
 
 
 def test_apikey_status_shows_tokens_today(kube: Kube, operator: Operator, dsn: str) -> None:

@@ -16,7 +16,7 @@ import httpx
 from harness import Kube, Operator, wait_until
 from k8s_emulator import EmulatorThread
 from servers import Gateway, Sim
-from test_operator_reconcile import CONFIG, NS, apikey, gateway
+from test_operator_reconcile import CONFIG, GW, NS, apikey, gateway
 
 REVOCATION_BOUND_S = 5.0
 
@@ -38,11 +38,16 @@ def test_deleted_key_is_refused_within_seconds_on_every_replica(
     key = wait_until(lambda: kube.secret_data(NS, "team-a-key", "key"))
     wait_until(lambda: (kube.secret_data(NS, CONFIG, "config.json") or "").count("team-a"))
 
+    # The gateway pods' ServiceAccount token: its reads are authorized by the Role the
+    # operator made (get and watch on the one config Secret), as on a real cluster.
+    wait_until(lambda: kube.get("RoleBinding", NS, f"{GW}-gateway"), what="the gateway's Role")
+    token_file = tmp_path / "token"
+    token_file.write_text(cluster.service_account_token(NS, f"{GW}-gateway"))
     env = {
         "GATEWAY_API_KEYS": "",
         "GATEWAY_CONFIG_SECRET": f"{NS}/{CONFIG}",
         "GATEWAY_KUBE_API_URL": cluster.url,
-        "GATEWAY_KUBE_TOKEN_FILE": str(tmp_path / "no-token"),
+        "GATEWAY_KUBE_TOKEN_FILE": str(token_file),
     }
     upstream = make_sim()
     replicas = [Gateway(tmp_path, upstream.url, env) for _ in range(2)]

@@ -1,5 +1,5 @@
-"""A PostgreSQL for the quota tests (see support/pg.py for how one is found), and a fresh
-schema per test so no test sees another's rows.
+"""A fresh schema per test on the suite's PostgreSQL (`database_url`, tests/conftest.py), so
+no test sees another's rows, and a cluster of a test's own for tests that stop it.
 
 Tests ask for `pg` before `make_gateway`, so their gateways stop (and flush) before the
 schema is dropped."""
@@ -10,23 +10,8 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from pg import PgSchema, TempPostgres, find_database
+from pg import PgSchema, TempPostgres
 from servers import free_port
-
-
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    found = find_database(free_port())
-    if found is None:
-        pytest.exit(
-            "no PostgreSQL for the quota tests: set DATABASE_URL, run one on 127.0.0.1:5432,"
-            " or install the server binaries (apt-get install postgresql)",
-            returncode=2,
-        )
-    url, temp = found
-    yield url
-    if temp is not None:
-        temp.remove()
 
 
 @pytest.fixture

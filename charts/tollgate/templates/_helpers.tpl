@@ -35,6 +35,16 @@
 {{- default (include "tollgate.fullname" .) .Values.gpuExporter.name }}
 {{- end }}
 
+{{/* The namespaces the operator watches, as a JSON list: operator.watchNamespaces, or the
+     release namespace alone. Empty (all) in cluster-wide mode. */}}
+{{- define "tollgate.watchNamespaces" -}}
+{{- if .Values.operator.clusterWide }}
+{{- list | toJson }}
+{{- else }}
+{{- .Values.operator.watchNamespaces | default (list .Release.Namespace) | toJson }}
+{{- end }}
+{{- end }}
+
 {{- define "tollgate.postgresName" -}}
 {{- printf "%s-postgres" (include "tollgate.fullname" .) }}
 {{- end }}
@@ -142,10 +152,16 @@ seccompProfile:
 {{- if and .Values.gpuExporter.enabled (gt (len (include "tollgate.exporterName" .)) 50) }}
 {{- fail (printf "the GPUExporter name %q is longer than 50 characters: set gpuExporter.name" (include "tollgate.exporterName" .)) }}
 {{- end }}
+{{- if and .Values.operator.clusterWide .Values.operator.watchNamespaces }}
+{{- fail "operator.clusterWide watches every namespace: leave operator.watchNamespaces empty" }}
+{{- end }}
 {{- $watch := .Values.operator.watchNamespaces }}
 {{- $ownCRs := or .Values.gateway.enabled .Values.gpuExporter.enabled (gt (len .Values.quotaPolicies) 0) }}
 {{- if and $watch $ownCRs (not (has .Release.Namespace $watch)) }}
 {{- fail (printf "operator.watchNamespaces %v leaves out the release namespace %q, where the chart creates its gateway/policies/exporter: add it, or turn those off" $watch .Release.Namespace) }}
+{{- end }}
+{{- if and (eq $db.mode "embedded") $watch (not (has .Release.Namespace $watch)) }}
+{{- fail (printf "database.mode embedded: the operator creates the Postgres password Secret in %q, so operator.watchNamespaces must include it" .Release.Namespace) }}
 {{- end }}
 {{- if and .Values.monitoring.serviceMonitor.enabled (not (or .Values.gateway.enabled .Values.gpuExporter.enabled)) }}
 {{- fail "monitoring.serviceMonitor.enabled needs gateway.enabled or gpuExporter.enabled: there is nothing to scrape" }}

@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
+from tollgate_contract.keys import fingerprint
+
 from .. import children
 from ..client import API_KEYS, SECRETS, ApiError
-from ..conditions import condition, merge_conditions, status_patch
+from ..conditions import condition, merge_conditions
 from ..configdoc import ApiKeyView, Verdict
-from ..keys import CURRENT, PREVIOUS, Material, decode, fingerprint, generate
+from ..keys import CURRENT, PREVIOUS, Material, MaterialError, decode, generate
 from ..reconcile import plain
-from ..runtime import Runtime
+from ..runtime import GatewayKey, Runtime
 from ..settings import GROUP, SETTINGS, VERSION
+from ..status import write_status
+from ..usage import usage_status
 
 log = logging.getLogger(__name__)
 _PENDING = Verdict(False, "Pending", "waiting for the gateway config to be written")
@@ -33,18 +37,59 @@ def apikeys_by_gateway(body: kopf.Body, **_: Any) -> dict[tuple[str, str], ApiKe
     return {(view.namespace, view.gateway): view}
 
 
+@kopf.index(GROUP, VERSION, "apikeys")
+def apikeys_by_secret(body: kopf.Body, **_: Any) -> dict[tuple[str, str], ApiKeyView]:
+    """Which ApiKeys read which Secret: Secret events update their material."""
+    view = ApiKeyView.from_body(body)
+    return {(view.namespace, view.secret_name): view}
+
+
+@kopf.on.event("", "v1", "secrets")
+def key_secret_changed(
+    type: str | None, body: kopf.Body, namespace: str | None, name: str, memo: Any, **kwargs: Any
+) -> None:
+    """A key Secret was created, edited (its value, or its opt-in label) or deleted: the
+    keys reading it see that through the watch kopf already holds on Secrets, not through
+    a GET per key per status interval. Secrets no ApiKey names are ignored."""
+    if namespace is None:
+        return
+    index: kopf.Index[Any, ApiKeyView] = kwargs["apikeys_by_secret"]
+    views = list(index.get((namespace, name), []))
+    if not views:
+        return
+    runtime: Runtime = memo.runtime
+    secret = None if type == "DELETED" else plain(body)
+    changed = False
+    for view in views:
+        before = runtime.materials.get(view.uid)
+        changed |= not _same(before, runtime.remember(view, secret))
+    if changed:
+        runtime.poke_namespace(namespace)
+
+
+def _same(a: Material | MaterialError | None, b: Material | MaterialError | None) -> bool:
+    if isinstance(a, MaterialError) and isinstance(b, MaterialError):
+        return (a.reason, str(a)) == (b.reason, str(b))
+    return a == b
+
+
 @kopf.on.event(GROUP, VERSION, "apikeys")
-def changed(namespace: str, memo: kopf.Memo, **_: Any) -> None:
-    """Any change (including deletion marks) may change a gateway config: poke."""
-    memo.runtime.poke_namespace(namespace)
+def changed(type: str | None, uid: str, namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    """Any change may change a gateway config: poke. A deleted key is revoked by that
+    poke (the writer rebuilds from the index, which no longer holds it): no finalizer, so
+    deleting a namespace or uninstalling never waits on the operator."""
+    assert namespace is not None  # every tollgate kind is namespaced
+    runtime: Runtime = memo.runtime
+    if type == "DELETED":
+        runtime.materials.pop(uid, None)
+    runtime.poke_namespace(namespace)
 
 
 @kopf.on.resume(GROUP, VERSION, "apikeys", backoff=5)
 @kopf.on.create(GROUP, VERSION, "apikeys", backoff=5)
 @kopf.on.update(GROUP, VERSION, "apikeys", backoff=5)
-async def reconcile(
-    body: kopf.Body, memo: kopf.Memo, gateways_by_name: kopf.Index, **_: Any
-) -> None:
+async def reconcile(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    gateways_by_name: kopf.Index[Any, Any] = kwargs["gateways_by_name"]
     runtime: Runtime = memo.runtime
     runtime.gateway_index = gateways_by_name
     key = ApiKeyView.from_body(body)
@@ -55,30 +100,15 @@ async def reconcile(
 
 
 @kopf.timer(GROUP, VERSION, "apikeys", interval=SETTINGS.status_interval)
-async def refresh(body: kopf.Body, memo: kopf.Memo, gateways_by_name: kopf.Index, **_: Any) -> None:
-    """Re-read a user's Secret (it may have been edited) and refresh status: expiry,
-    usage, policy changes. Writes nothing when nothing changed."""
+async def refresh(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
+    """Refresh status (expiry, usage, policy changes) from the body kopf already holds:
+    no GET, and no write when nothing changed. Secret edits arrive by watch
+    (key_secret_changed)."""
+    gateways_by_name: kopf.Index[Any, Any] = kwargs["gateways_by_name"]
     runtime: Runtime = memo.runtime
     runtime.gateway_index = gateways_by_name
     key = ApiKeyView.from_body(body)
-    before = runtime.materials.get(key.uid)
-    after = await runtime.load_material(key)
-    if after != before:
-        runtime.poke_namespace(key.namespace)
-    await refresh_status(runtime, key.namespace, key.name)
-
-
-@kopf.on.delete(GROUP, VERSION, "apikeys", backoff=1)
-async def revoke(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
-    """The finalizer holds the ApiKey until its hash is gone from the config Secret, so
-    `kubectl delete apikey` returns when the key is revoked."""
-    runtime: Runtime = memo.runtime
-    key = ApiKeyView.from_body(body)
-    writer = runtime.writers.get((key.namespace, key.gateway))
-    if writer is not None and not await writer.wait_revoked(key.name, within=5.0):
-        raise kopf.TemporaryError("the config Secret still accepts this key", delay=1)
-    runtime.materials.pop(key.uid, None)
-    logger.info("key %s revoked", key.name)
+    await refresh_status(runtime, key.namespace, key.name, body=_as_dict(body))
 
 
 async def ensure_key_secret(
@@ -126,46 +156,54 @@ async def ensure_key_secret(
     return secret
 
 
-async def refresh_status(runtime: Runtime, namespace: str, name: str) -> None:
-    """Compute the whole status and patch what differs (nothing, usually)."""
-    client = runtime.client
-    async with runtime.locks[("ak", namespace, name)]:
-        body = await client.get(API_KEYS, namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return
+async def refresh_status(
+    runtime: Runtime, namespace: str, name: str, body: dict[str, Any] | None = None
+) -> None:
+    """Compute the whole status and patch what differs (nothing, usually). With `body`
+    (the object as kopf last saw it) nothing is read from the API."""
+    decisions: list[Verdict] = []
+
+    def compute(body: dict[str, Any]) -> dict[str, Any] | None:
         key = ApiKeyView.from_body(body)
-        writer = runtime.writers.get((namespace, key.gateway))
+        writer = runtime.writers.get(GatewayKey(namespace, key.gateway))
         if not runtime.gateway_alive(namespace, key.gateway):
             decision = Verdict(False, "GatewayMissing", f"InferenceGateway {key.gateway} not found")
         elif writer is None or not writer.synced:
-            return  # the writer's first pass reports every key; do not flap to Pending
+            return None  # the writer's first pass reports every key; do not flap to Pending
         else:
             decision = writer.verdicts.get(name, _PENDING)
+        decisions.append(decision)
         material = runtime.materials.get(key.uid)
-        usage = runtime.usage.get((namespace, key.gateway), {}).get(name)
+        # Only a generated key shows a fingerprint: for a user's Secret it would tell
+        # whoever reads the ApiKey 48 bits of the hash of a value they may not read.
+        shown = material if isinstance(material, Material) and key.generated else None
+        day = runtime.usage.get(GatewayKey(namespace, key.gateway))
+        usage = day.keys.get(name) if day is not None else None
         current = body.get("status") or {}
         ready = condition("Ready", decision.active, decision.reason, decision.message)
-        wanted: dict[str, Any] = {
+        return {
             "observedGeneration": key.generation,
             "secretName": key.secret_name,
-            "fingerprint": fingerprint(material.hash) if isinstance(material, Material) else None,
+            "fingerprint": fingerprint(shown.hash) if shown else None,
             "previousFingerprint": (
-                fingerprint(material.previous_hash)
-                if isinstance(material, Material) and material.previous_hash
-                else None
+                fingerprint(shown.previous_hash) if shown and shown.previous_hash else None
             ),
             "policy": decision.policy,
-            "usage": usage.as_status() if usage is not None else None,
+            "usage": usage_status(day.day, usage) if day is not None and usage else None,
             "conditions": merge_conditions(current.get("conditions"), [ready], key.generation),
         }
-        patch = status_patch(current, wanted)
-        if not patch:
-            return
-        await client.patch(API_KEYS, namespace, name, {"status": patch}, status=True)
+
+    seen = await write_status(runtime, API_KEYS, namespace, name, compute, body=body)
+    if seen is None or not decisions:
+        return
+    decision = decisions[0]
+    current = seen.get("status") or {}
     was = {c.get("type"): c for c in current.get("conditions") or []}.get("Ready", {})
     if was.get("reason") != decision.reason and decision.reason != "Pending":
         kind = "Normal" if decision.active else "Warning"
-        kopf.event(body, type=kind, reason=decision.reason, message=decision.message)
+        kopf.event(
+            cast(kopf.Body, seen), type=kind, reason=decision.reason, message=decision.message
+        )
 
 
 async def refresh_many(runtime: Runtime, namespace: str, names: Iterable[str]) -> None:
@@ -178,4 +216,5 @@ async def refresh_many(runtime: Runtime, namespace: str, names: Iterable[str]) -
 
 
 def _as_dict(body: kopf.Body) -> dict[str, Any]:
-    return plain(body)
+    result: dict[str, Any] = plain(body)
+    return result

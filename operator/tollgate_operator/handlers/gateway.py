@@ -1,8 +1,11 @@
 """InferenceGateway: the gateway's Deployment and friends, its config writer, its status.
 
-Children (ServiceAccount, Role, RoleBinding, Deployment, Service, PodDisruptionBudget,
-ServiceMonitor) are converged on create/update/resume; the config Secret belongs to the
-per-gateway ConfigWriter daemon; a timer refreshes readiness and today's usage.
+One daemon per gateway runs two loops for as long as the gateway exists: the ConfigWriter
+(the config Secret) and a Converger (ServiceAccount, Role, RoleBinding, Deployment, the API
+and metrics Services, PodDisruptionBudget, NetworkPolicies, ServiceMonitor). The converger
+is poked on every spec change and on every event of a child the gateway owns
+(handlers/children.py), so a child deleted or edited by hand comes back within seconds.
+No finalizer: everything the gateway made goes with it by owner reference.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from .. import children
 from ..client import (
     DEPLOYMENTS,
     GATEWAYS,
+    NETWORK_POLICIES,
     PDBS,
     ROLE_BINDINGS,
     ROLES,
@@ -27,18 +31,21 @@ from ..client import (
     SERVICES,
     ApiError,
     Kind,
-    KubeClient,
 )
-from ..conditions import condition, merge_conditions, status_patch
+from ..conditions import condition, merge_conditions
 from ..configdoc import GatewayView
+from ..converge import Converger
 from ..keys import decode
 from ..reconcile import NotOurs, ensure, plain, remove
-from ..runtime import Runtime
+from ..runtime import GatewayKey, Runtime
 from ..settings import GROUP, SETTINGS, VERSION
+from ..status import write_status
+from ..usage import DayUsage
 from ..writer import ConfigWriter
 
 log = logging.getLogger(__name__)
-_errors: dict[tuple[str, str], str] = {}  # last reconcile error per gateway, for status
+_errors: dict[GatewayKey, str] = {}  # last reconcile error per gateway, for status
+_usage_errors: dict[GatewayKey, str] = {}  # last usage read error, logged once
 
 
 @kopf.index(GROUP, VERSION, "inferencegateways")
@@ -48,180 +55,240 @@ def gateways_by_name(body: kopf.Body, **_: Any) -> dict[tuple[str, str], Gateway
 
 
 @kopf.on.event(GROUP, VERSION, "inferencegateways")
-def changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    writer = memo.runtime.writers.get((namespace, name))
+async def changed(
+    type: str | None, namespace: str | None, name: str, uid: str, memo: Any, **_: Any
+) -> None:
+    """A spec change re-converges the children and re-writes the config. A deletion only
+    forgets: the children go with the garbage collector, and the keys learn that their
+    gateway left. (An event handler, not on.delete: that would make kopf keep state, and
+    a finalizer, on every gateway.)"""
+    assert namespace is not None  # every tollgate kind is namespaced
+    runtime: Runtime = memo.runtime
+    key = GatewayKey(namespace, name)
+    if type == "DELETED":
+        writer = runtime.writers.pop(key, None)
+        runtime.usage.pop(key, None)
+        _errors.pop(key, None)
+        if writer is not None and runtime.key_status_hook is not None:
+            await runtime.key_status_hook(namespace, [k.name for k in writer.api_keys()])
+        return
+    writer = runtime.writers.get(key)
     if writer is not None:
         writer.poke()  # e.g. defaultPolicy changed
+    runtime.poke_owners([uid])
 
 
-@kopf.on.resume(GROUP, VERSION, "inferencegateways", backoff=5)
-@kopf.on.create(GROUP, VERSION, "inferencegateways", backoff=5)
-@kopf.on.update(GROUP, VERSION, "inferencegateways", backoff=5)
-async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
-    runtime: Runtime = memo.runtime
-    gw = _as_dict(body)
+def desired_children(gw: dict[str, Any]) -> list[tuple[Kind, dict[str, Any] | None, str]]:
+    """(kind, manifest or None to remove, child name): everything the gateway owns but
+    its config Secret (the writer's)."""
+    name = gw["metadata"]["name"]
+    spec = gw.get("spec") or {}
+    child = children.gateway_name(name)
+    pdb_on = (spec.get("podDisruptionBudget") or {}).get("enabled", True)
+    netpol_on = (spec.get("networkPolicy") or {}).get("enabled", True)
+    upstream_selected = bool((spec.get("networkPolicy") or {}).get("upstreamPodSelector"))
+    return [
+        (SERVICE_ACCOUNTS, children.gateway_service_account(gw), child),
+        (ROLES, children.gateway_role(gw), child),
+        (ROLE_BINDINGS, children.gateway_role_binding(gw), child),
+        (DEPLOYMENTS, children.gateway_deployment(gw), child),
+        (SERVICES, children.gateway_service(gw), child),
+        (SERVICES, children.gateway_metrics_service(gw), children.metrics_service_name(name)),
+        (PDBS, children.gateway_pdb(gw) if pdb_on else None, child),
+        (NETWORK_POLICIES, children.gateway_network_policy(gw) if netpol_on else None, child),
+        (
+            NETWORK_POLICIES,
+            children.upstream_network_policy(gw) if netpol_on and upstream_selected else None,
+            children.upstream_policy_name(name),
+        ),
+    ]
+
+
+async def converge(runtime: Runtime, body: kopf.Body, logger: Any) -> None:
+    """One pass over every child; errors go to status (Reconciled=False) and are raised
+    so the converger retries."""
+    gw = plain(body)
     ns, name, uid = gw["metadata"]["namespace"], gw["metadata"]["name"], gw["metadata"]["uid"]
+    key = GatewayKey(ns, name)
     spec = gw.get("spec") or {}
     client = runtime.client
     try:
-        for kind, manifest in (
-            (SERVICE_ACCOUNTS, children.gateway_service_account(gw)),
-            (ROLES, children.gateway_role(gw)),
-            (ROLE_BINDINGS, children.gateway_role_binding(gw)),
-            (DEPLOYMENTS, children.gateway_deployment(gw)),
-            (SERVICES, children.gateway_service(gw)),
-        ):
-            await _converge(kind, manifest, uid, body, logger, client)
-        child = children.gateway_name(name)
-        if (spec.get("podDisruptionBudget") or {}).get("enabled", True):
-            await _converge(PDBS, children.gateway_pdb(gw), uid, body, logger, client)
-        else:
-            await remove(client, PDBS, ns, child, uid)
+        for kind, manifest, child in desired_children(gw):
+            if manifest is None:
+                await remove(client, kind, ns, child, uid)
+                continue
+            result = await ensure(client, kind, manifest, uid)
+            if result != "unchanged":
+                logger.info("%s %s %s", kind.plural, child, result)
         if await client.served(SERVICE_MONITORS, SETTINGS.discovery_ttl):
             if (spec.get("monitoring") or {}).get("serviceMonitor", True):
-                manifest = children.gateway_service_monitor(gw)
-                await _converge(SERVICE_MONITORS, manifest, uid, body, logger, client)
+                result = await ensure(
+                    client, SERVICE_MONITORS, children.gateway_service_monitor(gw), uid
+                )
+                if result != "unchanged":
+                    logger.info("servicemonitors %s %s", children.gateway_name(name), result)
             else:
-                await remove(client, SERVICE_MONITORS, ns, child, uid)
+                await remove(client, SERVICE_MONITORS, ns, children.gateway_name(name), uid)
     except (ApiError, NotOurs) as exc:
-        if _errors.get((ns, name)) != str(exc):
+        if _errors.get(key) != str(exc):
             kopf.warn(body, reason="ReconcileError", message=str(exc))
-        _errors[(ns, name)] = str(exc)
+        _errors[key] = str(exc)
         await refresh_status(runtime, ns, name)
-        raise kopf.TemporaryError(str(exc), delay=5) from exc
-    _errors.pop((ns, name), None)
-    writer = runtime.writers.get((ns, name))
-    if writer is not None:
-        writer.poke()
+        raise
+    if key in _errors:
+        del _errors[key]
+        kopf.info(body, reason="Reconciled", message="children match the spec again")
     await refresh_status(runtime, ns, name)
 
 
-async def _converge(
-    kind: Kind,
-    manifest: dict[str, Any],
-    uid: str,
-    body: kopf.Body,
-    logger: Any,
-    client: KubeClient,
-) -> None:
-    result = await ensure(client, kind, manifest, uid)
-    if result != "unchanged":
-        logger.info("%s %s %s", kind.plural, manifest["metadata"]["name"], result)
-
-
 @kopf.daemon(GROUP, VERSION, "inferencegateways", cancellation_timeout=2.0)
-async def config_writer(
-    namespace: str,
+async def gateway_loops(
+    body: kopf.Body,
+    namespace: str | None,
     name: str,
+    uid: str,
     memo: kopf.Memo,
-    gateways_by_name: kopf.Index,
-    apikeys_by_gateway: kopf.Index,
-    policies_by_namespace: kopf.Index,
+    logger: Any,
     stopped: kopf.DaemonStopped,
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
-    """Owns the config Secret of this gateway for as long as the gateway exists."""
+    """The config writer and the children's converger, for as long as the gateway
+    exists (`body` is kopf's live view of it)."""
+    gateways_by_name: kopf.Index[Any, Any] = kwargs["gateways_by_name"]
+    apikeys_by_gateway: kopf.Index[Any, Any] = kwargs["apikeys_by_gateway"]
+    policies_by_namespace: kopf.Index[Any, Any] = kwargs["policies_by_namespace"]
+    assert namespace is not None  # every tollgate kind is namespaced
     runtime: Runtime = memo.runtime
+    key = GatewayKey(namespace, name)
     writer = ConfigWriter(
         runtime, namespace, name, gateways_by_name, apikeys_by_gateway, policies_by_namespace
     )
-    runtime.writers[(namespace, name)] = writer
-    task = asyncio.create_task(writer.run(), name=f"config-writer {namespace}/{name}")
+    converger = Converger(f"gateway {namespace}/{name}", lambda: converge(runtime, body, logger))
+    runtime.writers[key] = writer
+    runtime.convergers[uid] = converger
+    tasks = [
+        asyncio.create_task(writer.run(), name=f"config-writer {namespace}/{name}"),
+        asyncio.create_task(converger.run(), name=f"converger {namespace}/{name}"),
+    ]
     try:
         await stopped.wait()
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        if runtime.writers.get((namespace, name)) is writer:
-            del runtime.writers[(namespace, name)]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if runtime.writers.get(key) is writer:
+            del runtime.writers[key]
+        if runtime.convergers.get(uid) is converger:
+            del runtime.convergers[uid]
 
 
 @kopf.timer(GROUP, VERSION, "inferencegateways", interval=SETTINGS.status_interval)
 async def refresh(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Readiness from the Deployment, and today's usage for the ApiKeys' status."""
+    """Today's usage for the ApiKeys' status, and readiness."""
     runtime: Runtime = memo.runtime
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
     await refresh_usage(runtime, body)
     await refresh_status(runtime, ns, name)
 
 
-@kopf.on.delete(GROUP, VERSION, "inferencegateways")
-async def deleted(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
-    """Children go with the garbage collector; the keys learn that their gateway left."""
-    runtime: Runtime = memo.runtime
-    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    writer = runtime.writers.pop((ns, name), None)
-    runtime.usage.pop((ns, name), None)
-    _errors.pop((ns, name), None)
-    if writer is not None and runtime.key_status_hook is not None:
-        await runtime.key_status_hook(ns, [k.name for k in writer.api_keys()])
-    logger.info("gateway %s deleted; its children follow by owner reference", name)
+async def _secret_value(runtime: Runtime, ns: str, ref: dict[str, Any], default: str) -> str | None:
+    secret = await runtime.client.get(SECRETS, ns, ref["name"])
+    return decode(secret, ref.get("key") or default) if secret else None
+
+
+async def missing_secrets(runtime: Runtime, body: dict[str, Any]) -> list[str]:
+    """The Secrets the gateway's pods need that are not there (or lack their key): the
+    pods would not start, so status says so."""
+    ns = body["metadata"]["namespace"]
+    spec = body.get("spec") or {}
+    refs = [
+        ((spec.get("database") or {}).get("urlSecretRef"), "database-url"),
+        ((spec.get("upstream") or {}).get("apiKeySecretRef"), "api-key"),
+    ]
+    missing = []
+    for ref, default in refs:
+        if ref and not await _secret_value(runtime, ns, ref, default):
+            missing.append(f"{ref['name']}/{ref.get('key') or default}")
+    return missing
 
 
 async def refresh_usage(runtime: Runtime, body: kopf.Body) -> None:
-    ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    key = GatewayKey(body["metadata"]["namespace"], body["metadata"]["name"])
     ref = ((body.get("spec") or {}).get("database") or {}).get("urlSecretRef")
-    writer = runtime.writers.get((ns, name))
+    writer = runtime.writers.get(key)
     if writer is None:
         return
     names = sorted(k.name for k in writer.api_keys() if not k.deleting)
     if not ref:
-        usage: dict[str, Any] = {}
-    else:
-        secret = await runtime.client.get(SECRETS, ns, ref["name"])
-        url = decode(secret, ref.get("key") or "database-url") if secret else None
-        if not url:
-            log.warning("gateway %s/%s: database Secret %s unreadable", ns, name, ref["name"])
-            return
-        try:
-            usage = await runtime.usage_reader.today(url, names)
-        except Exception as exc:  # the store being down must never break reconciling
-            log.warning("gateway %s/%s: usage not read: %s", ns, name, exc)
-            return
-    before = runtime.usage.get((ns, name), {})
-    runtime.usage[(ns, name)] = usage
-    changed = [n for n in names if before.get(n) != usage.get(n)]
+        runtime.usage.pop(key, None)
+        return
+    url = await _secret_value(runtime, key.namespace, ref, "database-url")
+    if not url:
+        return  # reported in status (SecretMissing)
+    try:
+        usage = await runtime.usage_reader.today(url, names)
+    except Exception as exc:  # the store being down must never break reconciling
+        if _usage_errors.get(key) != str(exc):  # once per distinct error, not per interval
+            log.warning("gateway %s/%s: usage not read: %s", key.namespace, key.name, exc)
+        _usage_errors[key] = str(exc)
+        return
+    if _usage_errors.pop(key, None) is not None:
+        log.info("gateway %s/%s: usage read again", key.namespace, key.name)
+    before = runtime.usage.get(key, DayUsage(usage.day))
+    runtime.usage[key] = usage
+    changed = [
+        n for n in names if before.day != usage.day or before.keys.get(n) != usage.keys.get(n)
+    ]
     if changed and runtime.key_status_hook is not None:
-        await runtime.key_status_hook(ns, changed)
+        await runtime.key_status_hook(key.namespace, changed)
 
 
 async def refresh_status(runtime: Runtime, namespace: str, name: str) -> None:
-    client = runtime.client
-    async with runtime.locks[("gw", namespace, name)]:
-        body = await client.get(GATEWAYS, namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return
+    deployment = await runtime.client.get(DEPLOYMENTS, namespace, children.gateway_name(name))
+    body = await runtime.client.get(GATEWAYS, namespace, name)
+    missing = await missing_secrets(runtime, body) if body is not None else []
+    error = _errors.get(GatewayKey(namespace, name))
+
+    def compute(body: dict[str, Any]) -> dict[str, Any]:
         generation = int(body["metadata"].get("generation") or 1)
-        deployment = await client.get(DEPLOYMENTS, namespace, children.gateway_name(name))
         dep_status = (deployment or {}).get("status") or {}
         desired = int((body.get("spec") or {}).get("replicas", 2))
         ready = int(dep_status.get("readyReplicas") or 0)
-        error = _errors.get((namespace, name))
-        if ready >= desired and desired > 0:
+        if missing:
+            available = condition(
+                "Ready", False, "SecretMissing", "missing Secret keys: " + ", ".join(missing)
+            )
+        elif ready >= desired and desired > 0:
             available = condition("Ready", True, "AllReplicasReady", f"{ready}/{desired} ready")
         elif desired == 0:
             available = condition("Ready", False, "ScaledToZero", "spec.replicas is 0")
         else:
             available = condition("Ready", False, "Progressing", f"{ready}/{desired} ready")
-        reconciled = (
-            condition("Reconciled", False, "ReconcileError", error)
-            if error
-            else condition("Reconciled", True, "ChildrenReady", "children match the spec")
-        )
+        if error:
+            reconciled = condition("Reconciled", False, "ReconcileError", error)
+        elif missing:
+            reconciled = condition(
+                "Reconciled",
+                False,
+                "SecretMissing",
+                "the pods need Secret keys that are not there: " + ", ".join(missing),
+            )
+        else:
+            reconciled = condition("Reconciled", True, "ChildrenReady", "children match the spec")
         current = body.get("status") or {}
-        wanted = {
+        selector = ",".join(
+            f"{k}={v}" for k, v in children.selector_labels("gateway", name).items()
+        )
+        return {
             "observedGeneration": generation,
             "replicas": int(dep_status.get("replicas") or 0),
             "readyReplicas": ready,
+            "selector": selector,
             "conditions": merge_conditions(
                 current.get("conditions"), [available, reconciled], generation
             ),
         }
-        patch = status_patch(current, wanted)
-        if patch:
-            await client.patch(GATEWAYS, namespace, name, {"status": patch}, status=True)
 
-
-def _as_dict(body: kopf.Body) -> dict[str, Any]:
-    return plain(body)
+    await write_status(runtime, GATEWAYS, namespace, name, compute)

@@ -1,28 +1,45 @@
-"""GPUExporter: the exporter DaemonSet on GPU nodes, its Service and ServiceMonitor."""
+"""GPUExporter: the exporter DaemonSet on GPU nodes, its Service and ServiceMonitor.
+
+Like the gateway: a daemon per exporter runs a Converger, poked on spec changes and on
+child events; no finalizer (the children go with the garbage collector).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 import kopf
 
 from .. import children
 from ..client import DAEMONSETS, GPU_EXPORTERS, SERVICE_MONITORS, SERVICES, ApiError
-from ..conditions import condition, merge_conditions, status_patch
+from ..conditions import condition, merge_conditions
+from ..converge import Converger
 from ..reconcile import NotOurs, ensure, plain, remove
-from ..runtime import Runtime
+from ..runtime import ObjectKey, Runtime
 from ..settings import GROUP, SETTINGS, VERSION
+from ..status import write_status
 
-_errors: dict[tuple[str, str], str] = {}
+_errors: dict[ObjectKey, str] = {}
 
 
-@kopf.on.resume(GROUP, VERSION, "gpuexporters", backoff=5)
-@kopf.on.create(GROUP, VERSION, "gpuexporters", backoff=5)
-@kopf.on.update(GROUP, VERSION, "gpuexporters", backoff=5)
-async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
-    runtime: Runtime = memo.runtime
+@kopf.on.event(GROUP, VERSION, "gpuexporters")
+def changed(
+    type: str | None, namespace: str | None, name: str, uid: str, memo: Any, **_: Any
+) -> None:
+    """Spec changes re-converge; a deletion only forgets (no on.delete: no kopf state)."""
+    assert namespace is not None  # every tollgate kind is namespaced
+    if type == "DELETED":
+        _errors.pop(ObjectKey(GPU_EXPORTERS, namespace, name), None)
+        return
+    memo.runtime.poke_owners([uid])
+
+
+async def converge(runtime: Runtime, body: kopf.Body, logger: Any) -> None:
     gx = plain(body)
     ns, name, uid = gx["metadata"]["namespace"], gx["metadata"]["name"], gx["metadata"]["uid"]
+    key = ObjectKey(GPU_EXPORTERS, ns, name)
     client = runtime.client
     try:
         for kind, manifest in (
@@ -38,38 +55,56 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> 
             else:
                 await remove(client, SERVICE_MONITORS, ns, children.exporter_name(name), uid)
     except (ApiError, NotOurs) as exc:
-        if _errors.get((ns, name)) != str(exc):
+        if _errors.get(key) != str(exc):
             kopf.warn(body, reason="ReconcileError", message=str(exc))
-        _errors[(ns, name)] = str(exc)
+        _errors[key] = str(exc)
         await refresh_status(runtime, ns, name)
-        raise kopf.TemporaryError(str(exc), delay=5) from exc
-    _errors.pop((ns, name), None)
+        raise
+    _errors.pop(key, None)
     await refresh_status(runtime, ns, name)
 
 
+@kopf.daemon(GROUP, VERSION, "gpuexporters", cancellation_timeout=2.0)
+async def exporter_loop(
+    body: kopf.Body,
+    namespace: str | None,
+    name: str,
+    uid: str,
+    memo: kopf.Memo,
+    logger: Any,
+    stopped: kopf.DaemonStopped,
+    **_: Any,
+) -> None:
+    assert namespace is not None  # every tollgate kind is namespaced
+    runtime: Runtime = memo.runtime
+    converger = Converger(f"exporter {namespace}/{name}", lambda: converge(runtime, body, logger))
+    runtime.convergers[uid] = converger
+    task = asyncio.create_task(converger.run(), name=f"converger {namespace}/{name}")
+    try:
+        await stopped.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if runtime.convergers.get(uid) is converger:
+            del runtime.convergers[uid]
+
+
 @kopf.timer(GROUP, VERSION, "gpuexporters", interval=SETTINGS.status_interval)
-async def refresh(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def refresh(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    assert namespace is not None  # every tollgate kind is namespaced
     await refresh_status(memo.runtime, namespace, name)
 
 
-@kopf.on.delete(GROUP, VERSION, "gpuexporters")
-def deleted(namespace: str, name: str, logger: Any, **_: Any) -> None:
-    _errors.pop((namespace, name), None)
-    logger.info("exporter %s deleted; its DaemonSet follows by owner reference", name)
-
-
 async def refresh_status(runtime: Runtime, namespace: str, name: str) -> None:
-    client = runtime.client
-    async with runtime.locks[("gx", namespace, name)]:
-        body = await client.get(GPU_EXPORTERS, namespace, name)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return
+    ds = await runtime.client.get(DAEMONSETS, namespace, children.exporter_name(name))
+    error = _errors.get(ObjectKey(GPU_EXPORTERS, namespace, name))
+
+    def compute(body: dict[str, Any]) -> dict[str, Any]:
         generation = int(body["metadata"].get("generation") or 1)
-        ds = await client.get(DAEMONSETS, namespace, children.exporter_name(name))
         ds_status = (ds or {}).get("status") or {}
         desired = int(ds_status.get("desiredNumberScheduled") or 0)
         ready = int(ds_status.get("numberReady") or 0)
-        error = _errors.get((namespace, name))
         if error:
             cond = condition("Ready", False, "ReconcileError", error)
         elif desired == 0:
@@ -77,12 +112,11 @@ async def refresh_status(runtime: Runtime, namespace: str, name: str) -> None:
         else:
             cond = condition("Ready", ready >= desired, "Pods", f"{ready}/{desired} ready")
         current = body.get("status") or {}
-        wanted = {
+        return {
             "observedGeneration": generation,
             "desiredPods": desired,
             "readyPods": ready,
             "conditions": merge_conditions(current.get("conditions"), [cond], generation),
         }
-        patch = status_patch(current, wanted)
-        if patch:
-            await client.patch(GPU_EXPORTERS, namespace, name, {"status": patch}, status=True)
+
+    await write_status(runtime, GPU_EXPORTERS, namespace, name, compute)

@@ -9,6 +9,8 @@ from typing import Any
 import kopf
 
 from ..client import KubeClient
+from ..database_secret import PostgresSecret
+from ..database_secret import ensure as ensure_postgres_secret
 from ..runtime import Runtime
 from ..settings import FINALIZER, GROUP
 from . import apikey
@@ -33,6 +35,9 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.networking.request_timeout = 30
     settings.peering.standalone = True
     runtime = Runtime(await KubeClient.connect())
+    postgres = PostgresSecret.from_env()
+    if postgres is not None:
+        await ensure_postgres_secret(runtime.client, postgres)
 
     async def refresh_keys(namespace: str, names: Iterable[str]) -> None:
         await apikey.refresh_many(runtime, namespace, names)

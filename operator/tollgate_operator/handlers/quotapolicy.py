@@ -2,8 +2,9 @@
 
 A policy has no children: its limits are copied into the config Secret of each gateway
 with a key that uses it (the writers are poked on every change, and the gateway reloads the
-document in place, so no pod restarts). Deleting a policy that keys still use is blocked by
-the finalizer until no key uses it; the policy says so in its status and in an Event.
+document in place, so no pod restarts). No finalizer: deleting a policy that keys still
+use takes those keys out of the config (fail-closed, never unlimited), and each such key
+says PolicyMissing in its Ready condition; nothing waits on the operator.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Any
 import kopf
 
 from ..client import QUOTA_POLICIES
-from ..conditions import condition, merge_conditions, status_patch
+from ..conditions import condition, merge_conditions
 from ..configdoc import ApiKeyView, GatewayView, PolicyView, effective_policy
 from ..runtime import Runtime
 from ..settings import GROUP, SETTINGS, VERSION
+from ..status import write_status
 
 
 @kopf.index(GROUP, VERSION, "quotapolicies")
@@ -26,12 +28,16 @@ def policies_by_namespace(body: kopf.Body, **_: Any) -> dict[str, PolicyView]:
 
 
 @kopf.on.event(GROUP, VERSION, "quotapolicies")
-def changed(namespace: str, memo: kopf.Memo, **_: Any) -> None:
+def changed(namespace: str | None, memo: kopf.Memo, **_: Any) -> None:
+    assert namespace is not None  # every tollgate kind is namespaced
     memo.runtime.poke_namespace(namespace)
 
 
 def users(
-    namespace: str, policy: str, apikeys_by_gateway: kopf.Index, gateways_by_name: kopf.Index
+    namespace: str,
+    policy: str,
+    apikeys_by_gateway: kopf.Index[Any, Any],
+    gateways_by_name: kopf.Index[Any, Any],
 ) -> list[ApiKeyView]:
     """ApiKeys (not being deleted) whose policy in force is `policy`."""
     found = []
@@ -45,61 +51,33 @@ def users(
 
 @kopf.timer(GROUP, VERSION, "quotapolicies", interval=SETTINGS.status_interval)
 async def refresh(
-    namespace: str,
+    namespace: str | None,
     name: str,
     memo: kopf.Memo,
-    apikeys_by_gateway: kopf.Index,
-    gateways_by_name: kopf.Index,
-    **_: Any,
+    **kwargs: Any,
 ) -> None:
+    apikeys_by_gateway: kopf.Index[Any, Any] = kwargs["apikeys_by_gateway"]
+    gateways_by_name: kopf.Index[Any, Any] = kwargs["gateways_by_name"]
+    assert namespace is not None  # every tollgate kind is namespaced
     keys = users(namespace, name, apikeys_by_gateway, gateways_by_name)
-    await refresh_status(memo.runtime, namespace, name, keys, deleting=False)
-
-
-@kopf.on.delete(GROUP, VERSION, "quotapolicies", backoff=SETTINGS.status_interval)
-async def guard(
-    body: kopf.Body,
-    namespace: str,
-    name: str,
-    memo: kopf.Memo,
-    apikeys_by_gateway: kopf.Index,
-    gateways_by_name: kopf.Index,
-    **_: Any,
-) -> None:
-    """Never leave keys silently unlimited: hold the policy while keys use it."""
-    runtime: Runtime = memo.runtime
-    keys = users(namespace, name, apikeys_by_gateway, gateways_by_name)
-    if keys:
-        names = ", ".join(k.name for k in keys[:10]) + (" ..." if len(keys) > 10 else "")
-        await refresh_status(runtime, namespace, name, keys, deleting=True)
-        message = f"deletion waits: ApiKeys still use this policy: {names}"
-        kopf.warn(body, reason="PolicyInUse", message=message)
-        raise kopf.TemporaryError(message, delay=min(5.0, SETTINGS.status_interval))
-    runtime.poke_namespace(namespace)
+    await refresh_status(memo.runtime, namespace, name, keys)
 
 
 async def refresh_status(
-    runtime: Runtime, namespace: str, name: str, keys: list[ApiKeyView], *, deleting: bool
+    runtime: Runtime, namespace: str, name: str, keys: list[ApiKeyView]
 ) -> None:
-    client = runtime.client
-    async with runtime.locks[("qp", namespace, name)]:
-        body = await client.get(QUOTA_POLICIES, namespace, name)
-        if body is None:
-            return
+    def compute(body: dict[str, Any]) -> dict[str, Any]:
         generation = int(body["metadata"].get("generation") or 1)
         current = body.get("status") or {}
-        if deleting:
-            in_use = condition("InUse", True, "DeletionBlocked", "keys still use this policy")
-        elif keys:
+        if keys:
             in_use = condition("InUse", True, "KeysAssigned", f"{len(keys)} key(s)")
         else:
             in_use = condition("InUse", False, "NoKeys", "no ApiKey uses this policy")
-        wanted = {
+        return {
             "observedGeneration": generation,
             "keys": len(keys),
             "gateways": sorted({k.gateway for k in keys}),
             "conditions": merge_conditions(current.get("conditions"), [in_use], generation),
         }
-        patch = status_patch(current, wanted)
-        if patch:
-            await client.patch(QUOTA_POLICIES, namespace, name, {"status": patch}, status=True)
+
+    await write_status(runtime, QUOTA_POLICIES, namespace, name, compute)

@@ -5,26 +5,14 @@ the tokenizer. Each request's recorded usage is what the simulator reported."""
 
 from __future__ import annotations
 
-import io
-import wave
-
 import anthropic
 import httpx
 import openai
 import pytest
+from audio import wav
 from servers import KEY_A, Gateway, Sim
 
 AUTH = {"authorization": f"Bearer {KEY_A}"}
-
-
-def _wav(seconds: float, rate: int = 16000) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(b"\x00\x00" * int(seconds * rate))
-    return buf.getvalue()
 
 
 def _client(gw: Gateway) -> openai.OpenAI:
@@ -158,7 +146,7 @@ def test_rerank_score_and_the_tokenizer_over_http(gw: Gateway, sim: Sim) -> None
 
 def test_audio_transcription_with_the_openai_sdk(gw: Gateway, sim: Sim) -> None:
     client = _client(gw)
-    audio = _wav(2.2)
+    audio = wav(2.2)
     raw = client.audio.transcriptions.with_raw_response.create(
         model="sim-llama", file=("a.wav", audio)
     )

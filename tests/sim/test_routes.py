@@ -4,31 +4,20 @@ where one exists (openai, anthropic), and their bytes where the shape matters.""
 from __future__ import annotations
 
 import base64
-import io
 import struct
-import wave
 from collections.abc import Callable
 
 import anthropic
 import httpx
 import openai
 import pytest
+from audio import wav
 from servers import Sim, wait_until
 from sim_helpers import sse
 
 
 def _client(sim: Sim) -> openai.OpenAI:
     return openai.OpenAI(base_url=sim.url + "/v1", api_key="x", max_retries=0)
-
-
-def _wav(seconds: float, rate: int = 16000) -> bytes:
-    buf = io.BytesIO()
-    with wave.open(buf, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(b"\x00\x00" * int(seconds * rate))
-    return buf.getvalue()
 
 
 def test_models_lists_served_names_and_loras(start: Callable[..., Sim]) -> None:
@@ -208,7 +197,7 @@ def test_rerank_score_tokenize_detokenize(start: Callable[..., Sim]) -> None:
 def test_audio_transcriptions_and_translations(start: Callable[..., Sim]) -> None:
     sim = start("--default-tokens", "3")
     client = _client(sim)
-    audio = _wav(2.2)
+    audio = wav(2.2)
     text = client.audio.transcriptions.create(model="sim-llama", file=("a.wav", audio))
     assert text.text == "Hello from the"
     raw = httpx.post(

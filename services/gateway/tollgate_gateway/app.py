@@ -25,7 +25,7 @@ from tollgate_gateway.errors import Refusal
 from tollgate_gateway.keys import KeyRing, env_keys
 from tollgate_gateway.lifecycle import Lifecycle
 from tollgate_gateway.logs import AccessLog
-from tollgate_gateway.metrics import GatewayMetrics
+from tollgate_gateway.metrics import GatewayMetrics, StateCollector
 from tollgate_gateway.metrics_server import MetricsServer
 from tollgate_gateway.models import ModelRoutes
 from tollgate_gateway.proxy import NEVER_FORWARDED, Proxy, ProxySettings
@@ -79,7 +79,7 @@ class Gateway:
         )
         self.pool = UpstreamPool(settings, on_models=self._update_known_models)
         self.metrics = GatewayMetrics(
-            self.lifecycle, self.pool, self.quota, self.current, self.config
+            StateCollector(self.lifecycle, self.pool, self.quota, self.current, self.config)
         )
         self.quota.on_flush = self.metrics.quota_flush.observe
         self.access_log = AccessLog()

@@ -76,14 +76,8 @@ REJECTION_REASONS = (
 
 
 class GatewayMetrics:
-    def __init__(
-        self,
-        lifecycle: Lifecycle,
-        pool: UpstreamPool,
-        quota: QuotaLedger,
-        current: CurrentConfig,
-        config: ConfigWatcher,
-    ) -> None:
+    def __init__(self, state: StateCollector) -> None:
+        """`state`: the gauges read from the gateway's parts at scrape time."""
         self.registry = CollectorRegistry(auto_describe=True)
         reg = self.registry
         self.requests = Counter(
@@ -157,7 +151,7 @@ class GatewayMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=reg,
         )
-        reg.register(_StateCollector(lifecycle, pool, quota, current, config))
+        reg.register(state)
         ProcessCollector(registry=reg)
         self._known_models: frozenset[str] = frozenset()
         self._children: dict[tuple[Any, ...], Callable[..., None]] = {}
@@ -214,7 +208,7 @@ class GatewayMetrics:
         return generate_latest(self.registry)
 
 
-class _StateCollector(Collector):
+class StateCollector(Collector):
     """Gauges read from the gateway's own state at scrape time."""
 
     def __init__(

@@ -1,20 +1,20 @@
-"""The request path of `POST /v1/chat/completions` and `POST /v1/completions`, in order.
+"""The request path of every route in the endpoint table (`endpoints.py`), in order.
 
 This is raw ASGI on purpose: it runs for every request and every streamed chunk, so it
-avoids the framework's routing, request objects and middleware (FastAPI serves the other
-endpoints). `Proxy.handle` reads top to bottom as the gateway's whole job:
+avoids the framework's routing, request objects and middleware (FastAPI serves the
+gateway's own endpoints). `Proxy.handle` reads top to bottom as the gateway's whole job:
 
-1. ingress: request id, body size (413), client IP and its rate limit (429)
+1. ingress: request id, body size (413), client IP and its rate limit (429), which
+   headers may go upstream (an allow-list)
 2. authenticate: the key (401), from the one credential the request carries
-3. parse: the body as a UTF-8 JSON object (400), the key's model list (403)
+3. parse (`outgoing.py`): the body (400), the key's model list (403), what goes upstream
 4. admit: the key's quota and limits (429), reserving every token the request may use
-   (`max_tokens` for each of its `n` / `best_of` sequences)
-5. route: a replica serving the model, healthy, its breaker not open (else 404 for a
-   model nobody serves, 503 without touching any upstream)
-6. forward: the body as bytes (with `stream_options.include_usage` turned on for streams),
-   only allow-listed headers, the client's key replaced by `VLLM_API_KEY`; retried once
+   (its output cap for each of its `n` / `best_of` sequences)
+5. route: a replica serving the model (or its fallback), healthy, its breaker not open
+   (else 404 for a model nobody serves, 503 without touching any upstream)
+6. forward: the body as bytes, the client's key replaced by `VLLM_API_KEY`; retried once
    on another replica if it failed before any response byte
-7. respond: JSON whole, or SSE chunk by chunk as it arrives
+7. respond: whole, or SSE chunk by chunk as it arrives, its usage read on the way
 8. settle: usage, quota, metrics, trace and one log line, always, also when the client
    leaves, the stream breaks or the drain deadline cuts it
 """
@@ -22,18 +22,17 @@ endpoints). `Proxy.handle` reads top to bottom as the gateway's whole job:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from tollgate_gateway import endpoints, errors, multipart
+from tollgate_gateway import endpoints, errors
 from tollgate_gateway.asgi import Receive, Scope, Send, request_id_for, send_refusal
 from tollgate_gateway.config_watch import CurrentConfig
 from tollgate_gateway.endpoints import Body, Endpoint, Stream
@@ -41,6 +40,7 @@ from tollgate_gateway.errors import ErrorKind, Refusal
 from tollgate_gateway.events import EventTap
 from tollgate_gateway.keys import CREDENTIAL_HEADERS, ApiKey
 from tollgate_gateway.lifecycle import Lifecycle
+from tollgate_gateway.outgoing import Outgoing, prepare, send_as
 from tollgate_gateway.quota import QuotaLedger
 from tollgate_gateway.ratelimit import ClientAddress, Gcra
 from tollgate_gateway.record import Phase, RequestRecord
@@ -57,7 +57,6 @@ log = logging.getLogger("tollgate.proxy")
 RESPONSE_HOMES = 100_000
 RESPONSES_PREFIX = "/v1/responses/"
 _RESPONSE_ID = re.compile(rb'"id"[ \t\r\n]*:[ \t\r\n]*"(resp_[A-Za-z0-9_-]{1,128})"')
-_FORM_FIELDS = frozenset({"model", "stream", "stream_include_usage"})
 
 # Sent upstream whatever the configuration: what vLLM uses (the request id becomes its
 # completion id; trace context joins its spans). Everything else needs the allow-list.
@@ -70,9 +69,6 @@ NEVER_FORWARDED = CREDENTIAL_HEADERS | {
     b"proxy-connection", b"expect", b"accept-encoding", b"forwarded", b"x-forwarded-for",
     b"x-real-ip",
 }  # fmt: skip
-_STREAM_USAGE = b',"stream_options":{"include_usage":true}}'
-# vLLM's own cap on `n` (and `best_of`): anything above is refused before admission.
-MAX_CHOICES = 128
 
 
 @dataclass(slots=True)
@@ -98,24 +94,6 @@ class Ingress:
     forward: dict[str, str]
     session: str | None
     content_type: bytes | None
-
-
-@dataclass(slots=True)
-class Outgoing:
-    """The request as it goes upstream."""
-
-    endpoint: Endpoint
-    # The path and query the client asked for (the endpoint's route, parameters filled).
-    target: str
-    body: bytes
-    content_type: str
-    # Sequences the upstream generates (n / best_of).
-    choices: int = 1
-    client_wants_usage: bool = True
-    # The body's fields the gateway read (JSON, or the multipart text fields).
-    fields: dict[str, Any] = field(default_factory=dict)
-    # The model as the upstream names it (an alias resolved).
-    model: str | None = None
 
 
 class Proxy:
@@ -166,7 +144,9 @@ class Proxy:
             if body is None:
                 record.phase = Phase.ABANDONED
                 return
-            outgoing = self.parse(record, endpoint, key, scope, ingress, body)
+            outgoing = prepare(
+                record, endpoint, key, scope, ingress.content_type, body, self.current.models
+            )
             self.admit(record, endpoint, key, outgoing)
             if record.admission is not None and record.admission.confirm:
                 await self.quota.confirm(key, record.admission)
@@ -244,59 +224,6 @@ class Proxy:
                 )
         return Ingress(forward, session, content_type)
 
-    # 3. Parse
-
-    def parse(
-        self,
-        record: RequestRecord,
-        endpoint: Endpoint,
-        key: ApiKey,
-        scope: Scope,
-        ingress: Ingress,
-        body: bytes,
-    ) -> Outgoing:
-        """What goes upstream: the body as it came, except that a stream of OpenAI chunks
-        always asks for its usage (the client sees it only if it asked too)."""
-        target = scope["path"]
-        if scope.get("query_string"):
-            target += "?" + scope["query_string"].decode("latin-1")
-        out = Outgoing(endpoint, target, body, "application/json")
-        fields: dict[str, Any] = {}
-        if endpoint.body is Body.JSON:
-            fields = parse_body(body)
-            record.stream = fields.get("stream") is True
-            if record.stream and endpoint.streamed_usage_injected:
-                out.body, out.client_wants_usage = _with_stream_usage(fields, body)
-            if endpoint.choices:
-                out.choices = max(_count(fields, "n"), _count(fields, "best_of"))
-        elif endpoint.body is Body.MULTIPART:
-            boundary = multipart.boundary_of(ingress.content_type)
-            fields = multipart.form_fields(body, boundary, _FORM_FIELDS)
-            out.content_type = (ingress.content_type or b"").decode("latin-1")
-            record.stream = fields.get("stream", "").lower() == "true"
-            if record.stream and fields.get("stream_include_usage", "").lower() != "true":
-                out.body = multipart.with_field(body, boundary, "stream_include_usage", "true")
-                out.client_wants_usage = False
-        else:
-            out.content_type = ""
-        model = fields.get("model")
-        record.model = model if isinstance(model, str) else None
-        if endpoint.body is not Body.NONE and not key.may_use(record.model):
-            raise Refusal(
-                errors.MODEL_NOT_ALLOWED,
-                f"This API key may not use model {record.model!r}; allowed: "
-                + ", ".join(sorted(key.models or ())),
-                reason="model",
-                param="model",
-            )
-        out.fields = fields
-        out.model = self.current.models.upstream(record.model)
-        if out.model != record.model and endpoint.body is Body.JSON and out.model is not None:
-            _send_as(out, out.model)
-        if record.trace is not None:
-            record.trace.describe_request(fields)
-        return out
-
     # 4. Admit
 
     def admit(self, record: RequestRecord, endpoint: Endpoint, key: ApiKey, out: Outgoing) -> None:
@@ -341,7 +268,7 @@ class Proxy:
             upstream = self.pool.pick(name, affinity)
             if upstream is not None:
                 record.fallback = fallback
-                _send_as(out, name)
+                send_as(out, name)
                 return upstream
         raise self.pool.refusal_for(out.model)
 
@@ -597,85 +524,6 @@ class Proxy:
     def _too_large(self) -> str:
         limit = self.settings.max_body
         return f"The request body is larger than the gateway's limit of {limit} bytes."
-
-
-def parse_body(body: bytes) -> dict[str, Any]:
-    """The body as a JSON object; a clear 400 for anything else (JSON bodies are UTF-8:
-    a UTF-16 one would be corrupted by the bytes the gateway splices in)."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise Refusal(
-            errors.INVALID_ENCODING,
-            "The request body must be UTF-8 encoded JSON.",
-            reason="invalid",
-        ) from None
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise Refusal(
-            errors.INVALID_JSON, f"The request body is not valid JSON: {exc}", reason="invalid"
-        ) from None
-    except RecursionError:
-        raise Refusal(
-            errors.INVALID_JSON, "The request body is nested too deeply.", reason="invalid"
-        ) from None
-    if not isinstance(data, dict):
-        raise Refusal(
-            errors.INVALID_JSON, "The request body must be a JSON object.", reason="invalid"
-        )
-    if "stream" in data and not isinstance(data["stream"], bool):
-        raise Refusal(
-            errors.INVALID_REQUEST,
-            "'stream' must be a boolean.",
-            reason="invalid",
-            param="stream",
-        )
-    options = data.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise Refusal(
-            errors.INVALID_REQUEST,
-            "'stream_options' must be an object.",
-            reason="invalid",
-            param="stream_options",
-        )
-    return data
-
-
-def _count(data: dict[str, Any], name: str) -> int:
-    """`n` or `best_of`: absent means 1; anything but an integer 1..MAX_CHOICES is a 400."""
-    value = data.get(name)
-    if value is None:
-        return 1
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CHOICES:
-        raise Refusal(
-            errors.INVALID_REQUEST,
-            f"'{name}' must be an integer from 1 to {MAX_CHOICES}.",
-            reason="invalid",
-            param=name,
-        )
-    return value
-
-
-def _with_stream_usage(data: dict[str, Any], body: bytes) -> tuple[bytes, bool]:
-    """An OpenAI chunk stream always asks the upstream for usage; the body, and whether
-    the client asked too (else the usage chunk is stripped again on the way back)."""
-    options = data.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage") is True:
-        return body, True
-    if "stream_options" not in data:
-        return body[: body.rstrip().rfind(b"}")] + _STREAM_USAGE, False
-    data["stream_options"] = {**(options or {}), "include_usage": True}
-    return json.dumps(data, ensure_ascii=False).encode(), False
-
-
-def _send_as(out: Outgoing, model: str) -> None:
-    """Send a JSON request upstream under another model name (an alias, a fallback)."""
-    fields = {**out.fields, "model": model}
-    if not out.client_wants_usage:
-        fields["stream_options"] = {**(fields.get("stream_options") or {}), "include_usage": True}
-    out.model = model
-    out.body = json.dumps(fields, ensure_ascii=False).encode()
 
 
 def _error_event(kind: ErrorKind, message: str) -> bytes:

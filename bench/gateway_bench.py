@@ -1,10 +1,14 @@
-"""Benchmark: the same workload direct to the simulator and through the gateway, in one run.
+"""Benchmark: the same workload direct to the simulator, through nginx and through the
+gateway, in one run.
 
 Prints, per workload and concurrency: throughput, p50/p99 latency (time to first byte for
 streams), CPU milliseconds per request of the process under test (read from its own CPU
 time, so the figure does not depend on the simulator's speed), the simulator's CPU per
 request (it must stay far below the gateway's), the gateway's RSS, the median
-`x-tollgate-overhead-ms`, and the ratios to direct. Also the gateway's idle RSS and its
+`x-tollgate-overhead-ms`, and the ratios to direct and to nginx (a plain reverse proxy,
+one worker, keep-alive upstream, buffering off: the floor a proxy can reach here;
+`nginx-light` is installed with apt-get when missing, and the row is left out if it
+cannot be). Also the gateway's idle RSS and its
 start-to-ready time. It passes or fails nothing.
 
     make bench                       # or: .venv/bin/python bench/gateway_bench.py --quick
@@ -16,11 +20,13 @@ import argparse
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -82,6 +88,63 @@ def gateway_process(env: dict[str, str]) -> Iterator[tuple[str, psutil.Process]]
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+error_log stderr warn;
+pid {dir}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir};
+    proxy_temp_path {dir};
+    fastcgi_temp_path {dir};
+    uwsgi_temp_path {dir};
+    scgi_temp_path {dir};
+    upstream sim {{ server 127.0.0.1:{sim_port}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://sim;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx_process(sim_port: int) -> Iterator[tuple[str, psutil.Process] | None]:
+    """nginx in front of the simulator (its one worker is what is measured), or None."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "nginx-light"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
+    if not Path(binary).exists():
+        print("(nginx is not installed and could not be: no nginx row)")
+        yield None
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        conf = Path(tmp, "nginx.conf")
+        conf.write_text(NGINX_CONF.format(dir=tmp, sim_port=sim_port, port=port))
+        proc = subprocess.Popen([binary, "-c", str(conf), "-p", tmp], stderr=subprocess.DEVNULL)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health")
+            master = psutil.Process(proc.pid)
+            workers = master.children()
+            yield f"http://127.0.0.1:{port}", workers[0] if workers else master
+        finally:
+            proc.send_signal(signal.SIGQUIT)
+            proc.wait(10)
 
 
 def cpu_seconds(proc: psutil.Process) -> float:
@@ -196,7 +259,9 @@ def main() -> None:
     gateway = subprocess.Popen(
         args.gateway_cmd.split(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    stack = contextlib.ExitStack()
     try:
+        nginx = stack.enter_context(nginx_process(sim_port))
         wait_http(f"http://127.0.0.1:{gw_port}/ready")
         ready_s = time.monotonic() - started
         gw_proc, sim_proc = psutil.Process(gateway.pid), psutil.Process(sim.pid)
@@ -227,6 +292,12 @@ def main() -> None:
                     concurrency,
                     n,
                 )
+                floor = (
+                    measure(nginx[1], sim_proc, nginx[0] + "/v1/chat/completions", body,
+                            stream, concurrency, n)
+                    if nginx is not None
+                    else None
+                )  # fmt: skip
                 proxied = measure(
                     gw_proc,
                     sim_proc,
@@ -241,6 +312,12 @@ def main() -> None:
                     f"{label:<24}{'direct':<9}{direct.rps:>8.0f}{direct.pct(0.5):>9.2f}"
                     f"{direct.pct(0.99):>9.2f}{direct.cpu_target:>12.3f}{'':>9}{'':>9}{'':>8}"
                 )
+                if floor is not None:
+                    print(
+                        f"{'':<24}{'nginx':<9}{floor.rps:>8.0f}{floor.pct(0.5):>9.2f}"
+                        f"{floor.pct(0.99):>9.2f}{floor.cpu_target:>12.3f}"
+                        f"{floor.cpu_sim:>9.3f}{floor.rss_mb:>9.1f}{'':>8}"
+                    )
                 print(
                     f"{'':<24}{'gateway':<9}{proxied.rps:>8.0f}{proxied.pct(0.5):>9.2f}"
                     f"{proxied.pct(0.99):>9.2f}{proxied.cpu_target:>12.3f}"
@@ -252,11 +329,21 @@ def main() -> None:
                     f"{proxied.pct(0.99) / direct.pct(0.99):>9.2f}"
                     f"   added p50 {proxied.pct(0.5) - direct.pct(0.5):.3f} ms"
                 )
+                if floor is not None:
+                    print(
+                        f"{'':<24}{'÷ nginx':<9}{proxied.rps / floor.rps:>8.2f}"
+                        f"{'':>18}{proxied.cpu_target / floor.cpu_target:>12.2f}"
+                        f"   added p50 vs nginx's {proxied.pct(0.5) - direct.pct(0.5):.3f}"
+                        f" / {floor.pct(0.5) - direct.pct(0.5):.3f} ms"
+                    )
         print(
-            "\nCPU ms/req: direct rows = the simulator's own CPU; gateway rows = the gateway's"
-            " CPU.\nsim CPU: the simulator's CPU per request during the gateway run."
+            "\nCPU ms/req: direct rows = the simulator's own CPU; nginx rows = its worker's;"
+            " gateway rows = the gateway's.\nsim CPU: the simulator's CPU per request during"
+            " that run (the machine's speed today).\n÷ nginx: throughput and CPU per request"
+            " as multiples of nginx's."
         )
     finally:
+        stack.close()
         for proc in (gateway, sim):
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)

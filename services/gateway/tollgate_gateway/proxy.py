@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
-import aiohttp
-
 from tollgate_gateway import endpoints, errors
 from tollgate_gateway.asgi import Receive, Scope, Send, request_id_for, send_refusal
 from tollgate_gateway.config_watch import CurrentConfig
@@ -45,7 +43,14 @@ from tollgate_gateway.quota import QuotaLedger
 from tollgate_gateway.ratelimit import ClientAddress, Gcra
 from tollgate_gateway.record import Phase, RequestRecord
 from tollgate_gateway.sse import StreamTap
-from tollgate_gateway.upstream import Attempt, Outcome, Upstream, UpstreamFailure, UpstreamPool
+from tollgate_gateway.upstream import (
+    Attempt,
+    Limits,
+    Outcome,
+    Upstream,
+    UpstreamFailure,
+    UpstreamPool,
+)
 from tollgate_gateway.usage import estimate_prompt_tokens, usage_from_body
 
 if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is on
@@ -83,8 +88,8 @@ class ProxySettings:
     forward_exact: frozenset[bytes]
     forward_prefixes: tuple[bytes, ...]
     upstream_authorization: str | None
-    timeout_whole: aiohttp.ClientTimeout
-    timeout_stream: aiohttp.ClientTimeout
+    timeout_whole: Limits
+    timeout_stream: Limits
 
 
 @dataclass(slots=True)

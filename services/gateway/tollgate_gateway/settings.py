@@ -106,6 +106,7 @@ class Settings(BaseSettings):
     upstream_connect_timeout_seconds: Seconds = 5.0
     upstream_first_byte_timeout_seconds: Seconds = 600.0
     upstream_stream_idle_timeout_seconds: Seconds = 60.0
+    # Keep-alive connections to each replica at most.
     upstream_max_connections: int = Field(1000, gt=0)
     upstream_health_interval_seconds: Seconds = 2.0
 

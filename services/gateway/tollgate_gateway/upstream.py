@@ -1,13 +1,15 @@
 """The upstream replicas: one shared HTTP client, each replica's health and breaker, and
 the choice of a replica for each request.
 
-aiohttp's client, not httpx: measured on this machine inside the real gateway, aiohttp
-spends about an eighth of the CPU of httpx's default transport per request (see
-docs/performance.md); the upstream client is most of a Python proxy's cost. One session is
-created at start-up and shared by every request; it keeps a keep-alive pool per replica
-(aiohttp pools by host and port). Idle connections are dropped after `KEEPALIVE_SECONDS`,
-less than uvicorn's (and so vLLM's) 5 s keep-alive timeout, so the gateway never sends a
-request on a connection the upstream is closing at the same moment.
+Requests go upstream through `h1client`, the project's own keep-alive HTTP/1.1 client on
+asyncio protocols: measured against aiohttp in the same run it spends 0.20-0.33 of
+aiohttp's CPU per request (bench/client_bench.py), and aiohttp was itself an eighth of
+httpx's (docs/performance.md); the upstream client is most of a Python proxy's cost. One
+pool per replica, created at first use and shared by every request. Idle connections are
+dropped after `KEEPALIVE_SECONDS`, less than uvicorn's (and so vLLM's) 5 s keep-alive
+timeout, and a request that meets a connection the upstream closed as it was written is
+sent once more on a new one. The health and model-list polls use aiohttp (off the request
+path).
 
 Replicas come from `VLLM_URL` (one), `VLLM_URLS` (a list), or `VLLM_DNS_NAME` (a headless
 Service's name, re-resolved every `VLLM_DNS_REFRESH_SECONDS`: replicas join and leave
@@ -40,11 +42,12 @@ import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from time import perf_counter
+from typing import NamedTuple
 
 import aiohttp
 from yarl import URL
 
-from tollgate_gateway import errors
+from tollgate_gateway import errors, h1client
 from tollgate_gateway.breaker import CircuitBreaker, State
 from tollgate_gateway.endpoints import ENDPOINTS
 from tollgate_gateway.errors import Refusal
@@ -56,6 +59,16 @@ KEEPALIVE_SECONDS = 4.0
 # URLs built once per replica: its health and model list, and every fixed route.
 PATHS = ("/health", "/v1/models", *(e.route for e in ENDPOINTS if "{" not in e.route))
 _CLIENT_ERRORS = (aiohttp.ClientError, TimeoutError)
+
+
+class Limits(NamedTuple):
+    """An attempt's timeouts."""
+
+    # TCP connect (and TLS handshake) only: never the wait for a pooled connection, which
+    # is the gateway's own queue, not the replica's failure.
+    connect: float | None
+    # The first response byte, then each gap between reads.
+    read: float | None
 
 
 class Outcome(enum.Enum):
@@ -86,15 +99,15 @@ class UpstreamFailure(Exception):
         self.retryable = retryable
 
 
-def _failure(exc: BaseException, while_streaming: bool = False) -> UpstreamFailure:
+def _failure(exc: h1client.H1Error, while_streaming: bool = False) -> UpstreamFailure:
     detail = f"{type(exc).__name__}: {exc}"
     if while_streaming:
         return UpstreamFailure(Outcome.STREAM_BROKEN, detail)
-    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+    if isinstance(exc, TimeoutError):  # ConnectTimeout, ReadTimeout
         return UpstreamFailure(Outcome.TIMEOUT, detail)
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, h1client.ConnectError):
         return UpstreamFailure(Outcome.UNREACHABLE, detail, retryable=True)
-    retryable = isinstance(exc, aiohttp.ServerDisconnectedError)
+    retryable = isinstance(exc, h1client.ServerDisconnected)
     return UpstreamFailure(Outcome.ERROR, detail, retryable=retryable)
 
 
@@ -136,12 +149,12 @@ class Upstream:
 class Attempt:
     """One request to one replica, from sending it to `finish`."""
 
-    __slots__ = ("_finished", "_response", "_session", "upstream", "waited")
+    __slots__ = ("_finished", "_pool", "_response", "upstream", "waited")
 
-    def __init__(self, upstream: Upstream, session: aiohttp.ClientSession) -> None:
+    def __init__(self, upstream: Upstream, pool: h1client.Pool) -> None:
         self.upstream = upstream
-        self._session = session
-        self._response: aiohttp.ClientResponse | None = None
+        self._pool = pool
+        self._response: h1client.Response | None = None
         self._finished = False
         # Seconds spent waiting on the replica (its headers, body and stream reads).
         self.waited = 0.0
@@ -149,25 +162,25 @@ class Attempt:
         upstream.requests += 1
 
     async def send(
-        self,
-        method: str,
-        target: str,
-        body: bytes,
-        headers: dict[str, str],
-        limits: aiohttp.ClientTimeout,
+        self, method: str, target: str, body: bytes, headers: dict[str, str], limits: Limits
     ) -> tuple[int, str]:
         """Send the request; the response's status and content type (headers read)."""
         started = perf_counter()
+        pool = self._pool
         try:
-            response = await self._session.request(
-                method, self.upstream.url_for(target), data=body, headers=headers, timeout=limits
+            length = len(body) if body or method != "GET" else None
+            response = await pool.request(
+                pool.head(method, target, headers, length),
+                body,
+                connect_timeout=limits.connect,
+                read_timeout=limits.read,
             )
-        except _CLIENT_ERRORS as exc:
+        except h1client.H1Error as exc:
             raise _failure(exc) from None
         finally:
             self.waited += perf_counter() - started
         self._response = response
-        return response.status, response.headers.get("content-type", "application/json")
+        return response.status, response.content_type or "application/json"
 
     async def read(self) -> bytes:
         """The whole body."""
@@ -175,7 +188,7 @@ class Attempt:
         started = perf_counter()
         try:
             return await self._response.read()
-        except _CLIENT_ERRORS as exc:
+        except h1client.H1Error as exc:
             raise _failure(exc) from None
         finally:
             self.waited += perf_counter() - started
@@ -183,17 +196,17 @@ class Attempt:
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives; a failure mid-way is `STREAM_BROKEN`."""
         assert self._response is not None
-        content = self._response.content
+        body = self._response.chunks()
         while True:
             started = perf_counter()
             try:
-                data = await content.readany()
-            except _CLIENT_ERRORS as exc:
+                data = await anext(body)
+            except StopAsyncIteration:
+                return
+            except h1client.H1Error as exc:
                 raise _failure(exc, while_streaming=True) from None
             finally:
                 self.waited += perf_counter() - started
-            if not data:
-                return
             yield data
 
     def finish(self, outcome: Outcome) -> None:
@@ -211,8 +224,8 @@ class Attempt:
         else:
             breaker.failure()
         if self._response is not None:
-            # A body read to its end leaves a reusable connection; anything else may
-            # leave bytes in flight, so that connection is closed.
+            # A body read to its end leaves a reusable connection (release() reuses it only
+            # then, and only if the server keeps it alive); anything else closes it.
             if outcome in (Outcome.SUCCEEDED, Outcome.STATUS_5XX):
                 self._response.release()
             else:
@@ -228,21 +241,11 @@ class UpstreamPool:
     ) -> None:
         self.settings = settings
         self.authorization = f"Bearer {settings.vllm_api_key}" if settings.vllm_api_key else None
-        # `connect` is left unbounded on purpose: in aiohttp it includes the wait for a free
-        # connection of the pool, which is the gateway's own queue, not the replica's
-        # failure (counting it opened breakers under the gateway's own overload).
         connect = settings.upstream_connect_timeout_seconds
-        self.timeout_full = aiohttp.ClientTimeout(
-            total=None,
-            connect=None,
-            sock_connect=connect,
-            sock_read=settings.upstream_first_byte_timeout_seconds,
-        )
-        self.timeout_stream = aiohttp.ClientTimeout(
-            total=None,
-            connect=None,
-            sock_connect=connect,
-            sock_read=settings.upstream_stream_idle_timeout_seconds,
+        self.timeout_full = Limits(connect, settings.upstream_first_byte_timeout_seconds)
+        self.timeout_stream = Limits(connect, settings.upstream_stream_idle_timeout_seconds)
+        self.client = h1client.Client(
+            limit=settings.upstream_max_connections, keepalive=KEEPALIVE_SECONDS
         )
         self._health_interval = settings.upstream_health_interval_seconds
         self._health_timeout = aiohttp.ClientTimeout(total=min(2.0, self._health_interval))
@@ -293,10 +296,10 @@ class UpstreamPool:
                 await task
         if self.session is not None:
             await self.session.close()
+        await self.client.close()
 
     def attempt(self, upstream: Upstream) -> Attempt:
-        assert self.session is not None
-        return Attempt(upstream, self.session)
+        return Attempt(upstream, self.client.pool(upstream.base))
 
     # Choosing a replica
 

@@ -19,8 +19,8 @@ models it lists at `/v1/models` (or those configured for it).
 Each request to a replica is an `Attempt`: it counts the replica's requests in flight from
 the moment it starts, and its `finish(outcome)` is the one place where the outcome of a
 request becomes the replica's accounting, its breaker's verdict, and the fate of the
-keep-alive connection. The proxy only says what happened (`Outcome`); aiohttp's types and
-exceptions stay in this module.
+keep-alive connection. The proxy only says what happened (`Outcome`); the HTTP clients'
+types and exceptions stay in this module.
 
 Choosing a replica: least outstanding requests by "power of two choices" — two random
 candidates among the healthy, closed-breaker replicas serving the request's model, the one
@@ -271,18 +271,9 @@ class UpstreamPool:
     # Lifecycle
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self.settings.upstream_max_connections,
-            keepalive_timeout=KEEPALIVE_SECONDS,
-            ttl_dns_cache=10,
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            # The gateway forwards the client's own headers; aiohttp adds none of its own,
-            # and asks for no compression, so usage can be read from the bytes.
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-            auto_decompress=False,
-        )
+        # For the health and model-list polls only (requests go through h1client).
+        connector = aiohttp.TCPConnector(limit=64, keepalive_timeout=KEEPALIVE_SECONDS)
+        self.session = aiohttp.ClientSession(connector=connector)
         if self.settings.vllm_dns_name:
             await self.refresh_dns()
             self._tasks.append(asyncio.create_task(self._refresh_dns_forever(), name="dns"))

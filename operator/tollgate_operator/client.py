@@ -130,12 +130,21 @@ class KubeClient:
         path = kind.path(namespace, name, "status" if status else "")
         return await self._call("PATCH", path, body, "application/merge-patch+json")
 
+    async def update(
+        self, kind: Kind, namespace: str | None, name: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        """PUT (replace): with `metadata.resourceVersion` set, a 409 when it is stale."""
+        return await self._call("PUT", kind.path(namespace, name), body)
+
     async def delete(self, kind: Kind, namespace: str | None, name: str) -> None:
         try:
             await self._call("DELETE", kind.path(namespace, name))
         except ApiError as exc:
             if exc.status != 404:
                 raise
+
+    async def version(self) -> dict[str, Any]:
+        return await self._call("GET", "/version")
 
     async def served(self, kind: Kind, ttl: float) -> bool:
         """Whether the API server serves `kind` (discovery, cached for `ttl` seconds)."""

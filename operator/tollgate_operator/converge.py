@@ -13,14 +13,22 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from . import metrics
+
 log = logging.getLogger(__name__)
 
 
 class Converger:
     def __init__(
-        self, what: str, step: Callable[[], Awaitable[None]], retry_delay: float = 5.0
+        self,
+        what: str,
+        step: Callable[[], Awaitable[None]],
+        retry_delay: float = 5.0,
+        *,
+        kind: str = "InferenceGateway",
     ) -> None:
         self.what = what
+        self.kind = kind
         self._step = step
         self._retry_delay = retry_delay
         self._dirty = asyncio.Event()
@@ -28,16 +36,24 @@ class Converger:
 
     def poke(self) -> None:
         self._dirty.set()
+        metrics.set_pending(self.kind, self.what, True)
 
     async def run(self) -> None:
         """Until cancelled (the parent is gone or the operator stops)."""
-        self._dirty.set()  # converge once at start
+        self.poke()  # converge once at start
+        try:
+            await self._loop()
+        finally:
+            metrics.set_pending(self.kind, self.what, None)
+
+    async def _loop(self) -> None:
         while True:
             await self._dirty.wait()
             self._dirty.clear()
             self.runs += 1
             try:
-                await self._step()
+                with metrics.reconcile(self.kind):
+                    await self._step()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # reported in status by the step; retried here
@@ -45,3 +61,6 @@ class Converger:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._dirty.wait(), self._retry_delay)
                 self._dirty.set()
+                continue
+            if not self._dirty.is_set():
+                metrics.set_pending(self.kind, self.what, False)

@@ -20,7 +20,7 @@ USED: dict[tuple[str, str], frozenset[str]] = {
     # kopf: list/watch the custom resources, patch its annotations (ApiKey handler
     # progress). The operator: get them (status), patch their status.
     ("tollgate.dev", "apikeys"): frozenset({"get", "list", "watch", "patch"}),
-    ("tollgate.dev", "quotapolicies"): frozenset({"get", "list", "watch"}),
+    ("tollgate.dev", "quotapolicies"): frozenset({"list", "watch"}),  # status: kopf's body
     ("tollgate.dev", "inferencegateways"): frozenset({"get", "list", "watch"}),
     ("tollgate.dev", "gpuexporters"): frozenset({"get", "list", "watch"}),
     ("tollgate.dev", "apikeys/status"): frozenset({"patch"}),
@@ -48,6 +48,27 @@ USED: dict[tuple[str, str], frozenset[str]] = {
     ),
     ("monitoring.coreos.com", "servicemonitors"): frozenset({"get", "create", "patch", "delete"}),
 }
+
+# Leader election (leader.py): the one Lease, in the operator's own namespace only (a Role
+# there, whatever the watch scope). get/update are limited to the Lease by name;
+# create cannot be (the name is not part of a create's authorization).
+LEASE_RESOURCE = ("coordination.k8s.io", "leases")
+LEADER_ELECTION_BY_NAME = frozenset({"get", "update"})
+LEADER_ELECTION_CREATE = frozenset({"create"})
+
+
+def leader_election_rules(lease_name: str) -> list[dict[str, Any]]:
+    group, resource = LEASE_RESOURCE
+    return [
+        {"apiGroups": [group], "resources": [resource], "verbs": sorted(LEADER_ELECTION_CREATE)},
+        {
+            "apiGroups": [group],
+            "resources": [resource],
+            "resourceNames": [lease_name],
+            "verbs": sorted(LEADER_ELECTION_BY_NAME),
+        },
+    ]
+
 
 GRANT_ONLY: dict[tuple[str, str], frozenset[str]] = {
     # Never called, but checked by the API server: children carry owner references with

@@ -55,6 +55,23 @@ class Runtime:
     key_status_hook: KeyStatusHook | None = None
     # kopf's live index of InferenceGateways (set by the first handler that receives it).
     gateway_index: kopf.Index[GatewayKey, GatewayView] | None = None
+    # The status of the operator's Deployments and DaemonSets as the child watches deliver
+    # it, by (plural, namespace, name); None: seen deleted. Not there: not seen yet.
+    workloads: dict[tuple[str, str, str], dict[str, Any] | None] = field(default_factory=dict)
+    # Data keys (with a value) of every Secret the Secret watch delivered; None: deleted.
+    secret_keys: dict[tuple[str, str], frozenset[str] | None] = field(default_factory=dict)
+
+    def observe_workload(self, plural: str, obj: dict[str, Any] | None, ns: str, name: str) -> None:
+        self.workloads[(plural, ns, name)] = None if obj is None else (obj.get("status") or {})
+
+    async def workload_status(self, kind: Kind, namespace: str, name: str) -> dict[str, Any] | None:
+        """A child workload's status: from the watch when it has delivered the object,
+        else one GET (the first refresh after a start, before the listing arrived)."""
+        key = (kind.plural, namespace, name)
+        if key in self.workloads:
+            return self.workloads[key]
+        obj = await self.client.get(kind, namespace, name)
+        return None if obj is None else (obj.get("status") or {})
 
     def lock(self, kind: Kind, namespace: str, name: str) -> asyncio.Lock:
         return self.locks.setdefault(ObjectKey(kind, namespace, name), asyncio.Lock())

@@ -25,7 +25,7 @@ import kopf
 
 from tollgate_contract.config import CONFIG_SECRET_KEY, GatewayConfig, parse
 
-from . import children
+from . import children, metrics
 from .client import GATEWAYS, SECRETS
 from .configdoc import ApiKeyView, Built, GatewayView, PolicyView, Verdict, build, verdict
 from .reconcile import ensure
@@ -49,6 +49,7 @@ class ConfigWriter:
         self.runtime = runtime
         self.namespace = namespace
         self.name = name
+        self._what = f"{namespace}/{name}"
         self._gateways = gateway_index
         self._apikeys = apikey_index
         self._policies = policy_index
@@ -82,6 +83,7 @@ class ConfigWriter:
 
     def poke(self) -> None:
         self._dirty.set()
+        metrics.set_pending("GatewayConfig", self._what, True)
 
     def observe(self, secret: dict[str, Any] | None) -> None:
         """The config Secret as a watch delivered it (None: deleted). Our own writes are
@@ -90,12 +92,18 @@ class ConfigWriter:
         if secret is not None and _content_version(secret) == self.version:
             return
         self.version = None
-        self._dirty.set()
+        self.poke()
 
     async def run(self) -> None:
         """The daemon body: runs until kopf cancels it (gateway deleted, operator exit)."""
+        self.poke()  # first pass at start: compare with what the Secret holds
+        try:
+            await self._loop()
+        finally:
+            metrics.set_pending("GatewayConfig", self._what, None)
+
+    async def _loop(self) -> None:
         next_change: datetime.datetime | None = None
-        self._dirty.set()  # first pass at start: compare with what the Secret holds
         while True:
             timeout = SETTINGS.resync_interval
             if next_change is not None:
@@ -104,7 +112,8 @@ class ConfigWriter:
                 await asyncio.wait_for(self._dirty.wait(), timeout)
             await self._settle()
             try:
-                built = await self.sync()
+                with metrics.reconcile("GatewayConfig"):
+                    built = await self.sync()
                 next_change = built.next_change if built else None
             except asyncio.CancelledError:
                 raise
@@ -112,6 +121,9 @@ class ConfigWriter:
                 log.warning("config for %s/%s not written: %s", self.namespace, self.name, exc)
                 await asyncio.sleep(1.0)
                 self._dirty.set()
+                continue
+            if not self._dirty.is_set():
+                metrics.set_pending("GatewayConfig", self._what, False)
 
     async def _settle(self) -> None:
         loop = asyncio.get_running_loop()

@@ -40,10 +40,21 @@ def _operator_cluster_roles(docs: list[Manifest]) -> list[Manifest]:
     ]
 
 
+def _operator_roles(docs: list[Manifest]) -> list[Manifest]:
+    """Roles but the leader-election one (checked on its own below)."""
+    return [r for r in of_kind(docs, "Role") if r["metadata"]["name"] == f"{RELEASE}-operator"]
+
+
+def _operator_bindings(docs: list[Manifest]) -> list[Manifest]:
+    return [
+        b for b in of_kind(docs, "RoleBinding") if b["metadata"]["name"] == f"{RELEASE}-operator"
+    ]
+
+
 def test_default_is_the_release_namespace_only() -> None:
     docs = render()
     assert not _operator_cluster_roles(docs) and not of_kind(docs, "ClusterRoleBinding")
-    (role,) = of_kind(docs, "Role")
+    (role,) = _operator_roles(docs)
     assert role["metadata"]["namespace"] == NAMESPACE
     assert _triples(role["rules"]) == _expected()
     operator = one(docs, "Deployment", f"{RELEASE}-operator")
@@ -63,7 +74,7 @@ def test_cluster_role_is_exactly_rbac_py() -> None:
     assert normalise == sorted(
         (r["apiGroups"], r["resources"], r["verbs"]) for r in rbac.cluster_role_rules()
     )
-    assert not of_kind(docs, "Role"), "the chart grants nothing else"
+    assert not _operator_roles(docs), "the chart grants nothing else"
 
 
 def test_aggregated_view_and_edit_roles() -> None:
@@ -80,7 +91,7 @@ def test_aggregated_view_and_edit_roles() -> None:
 
 
 def test_nothing_is_wildcarded_or_escalating() -> None:
-    rules = one(render(), "Role")["rules"]
+    rules = _operator_roles(render())[0]["rules"]
     for group, resource, verb in _expected() | _triples(rules):
         assert "*" not in (group, resource, verb)
         assert verb not in ("escalate", "bind", "impersonate", "deletecollection")
@@ -111,8 +122,8 @@ def test_binding_is_the_operator_service_account() -> None:
 @pytest.mark.parametrize("namespaces", [[NAMESPACE], [NAMESPACE, "llm", "staging"]])
 def test_namespaced_roles_are_exactly_rbac_py(namespaces: list[str]) -> None:
     docs = render({"operator": {"watchNamespaces": namespaces}})
-    roles = {r["metadata"]["namespace"]: r for r in of_kind(docs, "Role")}
-    bindings = {b["metadata"]["namespace"]: b for b in of_kind(docs, "RoleBinding")}
+    roles = {r["metadata"]["namespace"]: r for r in _operator_roles(docs)}
+    bindings = {b["metadata"]["namespace"]: b for b in _operator_bindings(docs)}
     assert set(roles) == set(bindings) == set(namespaces)
     for namespace, role in roles.items():
         assert _triples(role["rules"]) == _expected(), namespace
@@ -121,3 +132,38 @@ def test_namespaced_roles_are_exactly_rbac_py(namespaces: list[str]) -> None:
             {"kind": "ServiceAccount", "name": f"{RELEASE}-operator", "namespace": NAMESPACE}
         ]
     assert not _operator_cluster_roles(docs) and not of_kind(docs, "ClusterRoleBinding")
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {},
+        {"operator": {"clusterWide": True}},
+        {"operator": {"watchNamespaces": [NAMESPACE, "llm"]}},
+    ],
+)
+def test_leader_election_role_is_the_one_lease_in_the_release_namespace(
+    values: dict[str, object],
+) -> None:
+    """Whatever the watch scope: a Role in the release namespace, create on leases (which
+    cannot be limited by name) and get/update on the operator's Lease only."""
+    docs = render(values)
+    name = f"{RELEASE}-operator-leader-election"
+    role = one(docs, "Role", name)
+    binding = one(docs, "RoleBinding", name)
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == NAMESPACE
+    assert role["rules"] == rbac.leader_election_rules(f"{RELEASE}-operator")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": name,
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": f"{RELEASE}-operator", "namespace": NAMESPACE}
+    ]
+    operator = one(docs, "Deployment", f"{RELEASE}-operator")
+    env = {
+        e["name"]: e.get("value")
+        for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["TOLLGATE_LEASE_NAME"] == f"{RELEASE}-operator"

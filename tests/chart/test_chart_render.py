@@ -99,14 +99,14 @@ def test_default_render_has_the_promised_objects() -> None:
     docs = render()
     assert _kind_counts(docs) == {
         "ClusterRole": 2,  # aggregated into view/edit: users', not the operator's
-        "Role": 1,  # the operator's, in the release namespace only
-        "RoleBinding": 1,
+        "Role": 2,  # the operator's, in the release namespace only, and its leader election
+        "RoleBinding": 2,
         "NetworkPolicy": 1,  # Postgres; the gateway's are the operator's to create
         "Deployment": 1,  # the operator; the gateway's is the operator's to create
         "InferenceGateway": 1,
         "Pod": 1,  # the helm test hook
         "QuotaPolicy": 1,
-        "Service": 1,
+        "Service": 2,  # Postgres, the operator's metrics
         "ServiceAccount": 1,
         "StatefulSet": 1,
     }
@@ -268,7 +268,10 @@ def test_embedded_postgres_password_is_the_operators_to_make() -> None:
     assert env["TOLLGATE_POSTGRES_HOST"] == f"{RELEASE}-postgres.{NAMESPACE}.svc"
     assert env["TOLLGATE_POSTGRES_USER"] == env["TOLLGATE_POSTGRES_DB"] == "tollgate"
     statefulset = one(docs, "StatefulSet", f"{RELEASE}-postgres")
-    assert statefulset["spec"]["serviceName"] == one(docs, "Service")["metadata"]["name"]
+    assert (
+        statefulset["spec"]["serviceName"]
+        == one(docs, "Service", f"{RELEASE}-postgres")["metadata"]["name"]
+    )
     (claim,) = statefulset["spec"]["volumeClaimTemplates"]
     assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
     pod = statefulset["spec"]["template"]["spec"]
@@ -303,7 +306,7 @@ def test_monitoring_flags() -> None:
 
     on = render(MATRIX["monitoring"])
     monitors = {d["metadata"]["name"]: d for d in of_kind(on, "ServiceMonitor")}
-    assert set(monitors) == {f"{RELEASE}-gateway", f"{RELEASE}-gpu-exporter"}
+    assert set(monitors) == {f"{RELEASE}-gateway", f"{RELEASE}-gpu-exporter", f"{RELEASE}-operator"}
     for monitor in monitors.values():
         assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
     # On: the chart's (labelled) ones replace the operator's, never both.
@@ -321,8 +324,9 @@ def test_monitoring_flags() -> None:
     assert monitors[f"{RELEASE}-gpu-exporter"]["spec"]["endpoints"][0]["port"] == "metrics"
 
     only_gateway = render(MATRIX["monitoring-no-exporter"])
-    assert [d["metadata"]["name"] for d in of_kind(only_gateway, "ServiceMonitor")] == [
-        f"{RELEASE}-gateway"
+    assert sorted(d["metadata"]["name"] for d in of_kind(only_gateway, "ServiceMonitor")) == [
+        f"{RELEASE}-gateway",
+        f"{RELEASE}-operator",
     ]
 
 
@@ -389,15 +393,49 @@ def test_registry_and_tag_apply_to_every_tollgate_image() -> None:
     )
 
 
-def test_operator_runs_alone() -> None:
-    """kopf runs standalone (no peering): one replica, replaced rather than rolled."""
+def test_operator_replicas_lead_by_lease() -> None:
+    """One leader by Lease: any replica count, rolled with a surge (the new pod stands by
+    until the old one releases the Lease); liveness and metrics on their own ports."""
     spec = one(render(), "Deployment", f"{RELEASE}-operator")["spec"]
     assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     container = spec["template"]["spec"]["containers"][0]
     assert container["livenessProbe"]["httpGet"]["port"] == "health"
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["TOLLGATE_LIVENESS"] == "http://0.0.0.0:8081/healthz"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"health": 8081, "metrics": 9102}
+    env = {e["name"]: e for e in container["env"]}
+    assert env["TOLLGATE_LIVENESS"]["value"] == "http://0.0.0.0:8081/healthz"
+    assert env["TOLLGATE_METRICS"]["value"] == "http://0.0.0.0:9102/metrics"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["TOLLGATE_OPERATOR_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.namespace"
+    )
+    two = one(render({"operator": {"replicas": 2}}), "Deployment", f"{RELEASE}-operator")
+    assert two["spec"]["replicas"] == 2
+    service = one(render(), "Service", f"{RELEASE}-operator-metrics")
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 9102, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    labels = spec["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
+
+
+def test_operator_service_monitor_only_when_enabled() -> None:
+    assert not [
+        d
+        for d in render()
+        if d["kind"] == "ServiceMonitor" and d["metadata"]["name"] == f"{RELEASE}-operator"
+    ]
+    docs = render({"monitoring": {"serviceMonitor": {"enabled": True, "labels": {"r": "x"}}}})
+    monitor = one(docs, "ServiceMonitor", f"{RELEASE}-operator")
+    service = one(docs, "Service", f"{RELEASE}-operator-metrics")
+    assert monitor["metadata"]["labels"]["r"] == "x"
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    assert all(service["metadata"]["labels"].get(k) == v for k, v in selector.items())
 
 
 def test_helm_test_hook_calls_ready_through_the_service() -> None:

@@ -46,14 +46,16 @@ def start_operator(
     started: list[Operator] = []
     installed: dict[str, list[str]] = {}
 
-    def start(rbac: dict[str, Any] | None = None, **env: str) -> Operator:
+    def start(
+        rbac: dict[str, Any] | None = None, server: str | None = None, **env: str
+    ) -> Operator:
         """The operator with the chart's RBAC for `rbac` values (default: namespaced,
         watching tollgate and llm) installed first."""
         values = rbac if rbac is not None else DEFAULT_RBAC
         key = repr(sorted(values.items()))
         if key not in installed:
             installed[key] = install_operator_rbac(Kube(cluster.url), values)
-        operator = Operator(cluster, tmp_path, installed[key], **env)
+        operator = Operator(cluster, tmp_path, installed[key], server=server, **env)
         started.append(operator)
         return operator
 

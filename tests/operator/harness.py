@@ -5,16 +5,20 @@ with deadlines."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import os
+import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import servers
 from k8s_emulator import ADMIN_TOKEN, TEST_USER_AGENT, EmulatorThread
-from servers import BIN, Process
+from servers import BIN, Process, free_port
 
 # The operator's identity: the chart's ServiceAccount in the release namespace.
 OPERATOR_NAMESPACE = "tollgate"
@@ -46,6 +50,7 @@ KINDS = {
     "Namespace": ("v1", "namespaces"),
     "ConfigMap": ("v1", "configmaps"),
     "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors"),
+    "Lease": ("coordination.k8s.io/v1", "leases"),
 }
 
 
@@ -155,14 +160,21 @@ class Operator(Process):
         cluster: EmulatorThread,
         tmp: Path,
         namespaces: list[str] | None = None,
+        server: str | None = None,
         **env: str,
     ) -> None:
         token = cluster.service_account_token(OPERATOR_NAMESPACE, OPERATOR_ACCOUNT)
-        kubeconfig = cluster.write_kubeconfig(tmp / f"kubeconfig-{time.monotonic_ns()}", token)
+        # Each process has its own token: the request log tells two replicas apart by it.
+        self.token = token
+        kubeconfig = cluster.write_kubeconfig(
+            tmp / f"kubeconfig-{time.monotonic_ns()}", token, server=server
+        )
         defaults: dict[str, str | None] = {
             "KUBECONFIG": str(kubeconfig),
             "KUBERNETES_SERVICE_HOST": None,  # never the in-cluster config
             "TOLLGATE_NAMESPACES": ",".join(namespaces or []),
+            # As the chart sets it (downward API): where the leader-election Lease lives.
+            "TOLLGATE_OPERATOR_NAMESPACE": OPERATOR_NAMESPACE,
             "TOLLGATE_STATUS_INTERVAL": "1",
             "TOLLGATE_DEBOUNCE_SECONDS": "0.2",
             "TOLLGATE_DEBOUNCE_MAX_SECONDS": "0.6",
@@ -173,3 +185,101 @@ class Operator(Process):
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def sent(self, cluster: EmulatorThread) -> list[Any]:
+        """Every request this process sent (by its token)."""
+        mine = f"Bearer {self.token}"
+        return [r for r in cluster.requests() if r.headers.get("Authorization") == mine]
+
+
+class TcpProxy:
+    """A TCP forwarder to the emulator that can be cut (connections reset, port closed:
+    connection refused, as an unreachable API server) and opened again."""
+
+    def __init__(self, target: str) -> None:
+        parts = urlsplit(target)
+        self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self.open()
+
+    def open(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        listener.settimeout(0.1)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while self._listener is listener:
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            client.settimeout(None)
+            upstream.settimeout(None)
+            with self._lock:
+                self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def get_json(url: str) -> tuple[int, dict[str, Any]]:
+    """(status, JSON body) of a GET; (0, {}) when nothing answers."""
+    try:
+        response = httpx.get(url, timeout=5)
+    except httpx.HTTPError:
+        return 0, {}
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        return response.status_code, {}
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value}; {} when nothing answers."""
+    try:
+        text = httpx.get(url, timeout=5).text
+    except httpx.HTTPError:
+        return {}
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples

@@ -84,6 +84,9 @@ BUILTIN = [
     ("policy/v1", "poddisruptionbudgets", "PodDisruptionBudget", True),
     ("rbac.authorization.k8s.io/v1", "roles", "Role", True),
     ("rbac.authorization.k8s.io/v1", "rolebindings", "RoleBinding", True),
+    # Leader election. Updates carry the resourceVersion read; a stale one is 409 Conflict
+    # (enforced for every kind in _update, as the real API server does).
+    ("coordination.k8s.io/v1", "leases", "Lease", True),
 ]
 SERVICE_MONITOR = ("monitoring.coreos.com/v1", "servicemonitors", "ServiceMonitor", True)
 ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
@@ -913,11 +916,13 @@ class EmulatorThread:
 
         return self.call(read)
 
-    def write_kubeconfig(self, path: Path, token: str = ADMIN_TOKEN) -> Path:
+    def write_kubeconfig(
+        self, path: Path, token: str = ADMIN_TOKEN, *, server: str | None = None
+    ) -> Path:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
+            "clusters": [{"name": "emulator", "cluster": {"server": server or self.url}}],
             "users": [{"name": "tests", "user": {"token": token}}],
             "contexts": [
                 {

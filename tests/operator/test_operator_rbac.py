@@ -101,14 +101,23 @@ def test_operator_uses_exactly_the_declared_access(
     # Drift: children deleted by hand come back (through the child watches).
     kube.delete("Deployment", NS, "tollgate-gateway")
     wait_until(lambda: kube.get("Deployment", NS, "tollgate-gateway"), what="the Deployment back")
+    # The Lease is renewed (update) every retry period.
+    wait_until(lambda: lease_renewed(cluster), what="the Lease renewed at least once")
     assert cluster.denials() == [], "the chart's RBAC refused the operator something"
 
     used = used_access(cluster)
     declared = {k: set(v) for k, v in rbac.USED.items()}
+    declared[rbac.LEASE_RESOURCE] = set(rbac.LEADER_ELECTION_BY_NAME | rbac.LEADER_ELECTION_CREATE)
     undeclared = {k: v - declared.get(k, set()) for k, v in used.items()}
     assert {k: v for k, v in undeclared.items() if v} == {}
     unused = {k: v - used.get(k, set()) for k, v in declared.items()}
     assert {k: v for k, v in unused.items() if v} == {}
+
+
+def lease_renewed(cluster: EmulatorThread) -> bool:
+    lease = cluster.objects("coordination.k8s.io", "leases").get(("tollgate", "tollgate-operator"))
+    spec = (lease or {}).get("spec") or {}
+    return bool(spec) and spec.get("renewTime") != spec.get("acquireTime")
 
 
 def _managed(obj: dict[str, Any] | None) -> bool:

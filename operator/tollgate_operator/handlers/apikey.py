@@ -16,7 +16,7 @@ import kopf
 
 from tollgate_contract.keys import fingerprint
 
-from .. import children
+from .. import children, metrics
 from ..client import API_KEYS, SECRETS, ApiError
 from ..conditions import condition, merge_conditions
 from ..configdoc import ApiKeyView, Verdict
@@ -53,11 +53,17 @@ def key_secret_changed(
     a GET per key per status interval. Secrets no ApiKey names are ignored."""
     if namespace is None:
         return
+    runtime: Runtime = memo.runtime
+    # What the gateways' status needs to know of the Secrets they reference (names of the
+    # data keys that hold something), so their refresh reads no Secret.
+    data = {} if type == "DELETED" else (body.get("data") or {})
+    runtime.secret_keys[(namespace, name)] = (
+        None if type == "DELETED" else frozenset(k for k, v in data.items() if v)
+    )
     index: kopf.Index[Any, ApiKeyView] = kwargs["apikeys_by_secret"]
     views = list(index.get((namespace, name), []))
     if not views:
         return
-    runtime: Runtime = memo.runtime
     secret = None if type == "DELETED" else plain(body)
     changed = False
     for view in views:
@@ -93,10 +99,11 @@ async def reconcile(body: kopf.Body, memo: kopf.Memo, **kwargs: Any) -> None:
     runtime: Runtime = memo.runtime
     runtime.gateway_index = gateways_by_name
     key = ApiKeyView.from_body(body)
-    secret = await ensure_key_secret(runtime, body, key)
-    runtime.remember(key, secret)
-    runtime.poke_namespace(key.namespace)
-    await refresh_status(runtime, key.namespace, key.name)
+    with metrics.reconcile("ApiKey"):
+        secret = await ensure_key_secret(runtime, body, key)
+        runtime.remember(key, secret)
+        runtime.poke_namespace(key.namespace)
+        await refresh_status(runtime, key.namespace, key.name)
 
 
 @kopf.timer(GROUP, VERSION, "apikeys", interval=SETTINGS.status_interval)

@@ -34,11 +34,23 @@ CHILD_KINDS = [
 
 
 def child_changed(
-    body: kopf.Body, type: str | None, memo: Any, namespace: str | None, name: str, **_: Any
+    body: kopf.Body,
+    type: str | None,
+    memo: Any,
+    namespace: str | None,
+    name: str,
+    resource: kopf.Resource,
+    **_: Any,
 ) -> None:
-    if type is None or namespace is None:  # the initial listing: parents converge at start anyway
+    if namespace is None:
         return
     runtime: Runtime = memo.runtime
+    plural = resource.plural
+    if plural in ("deployments", "daemonsets"):  # their status feeds the parents' status
+        obj = None if type == "DELETED" else plain(body)
+        runtime.observe_workload(plural, obj, namespace, name)
+    if type is None:  # the initial listing: parents converge at start anyway
+        return
     refs = body.get("metadata", {}).get("ownerReferences") or []
     runtime.poke_owners(ref.get("uid", "") for ref in refs)
     for ref in refs:

@@ -190,7 +190,7 @@ async def refresh(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     runtime: Runtime = memo.runtime
     ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
     await refresh_usage(runtime, body)
-    await refresh_status(runtime, ns, name)
+    await refresh_status(runtime, ns, name, body=plain(body))
 
 
 async def _secret_value(runtime: Runtime, ns: str, ref: dict[str, Any], default: str) -> str | None:
@@ -209,8 +209,14 @@ async def missing_secrets(runtime: Runtime, body: dict[str, Any]) -> list[str]:
     ]
     missing = []
     for ref, default in refs:
-        if ref and not await _secret_value(runtime, ns, ref, default):
-            missing.append(f"{ref['name']}/{ref.get('key') or default}")
+        if not ref:
+            continue
+        field = ref.get("key") or default
+        seen = runtime.secret_keys.get((ns, ref["name"]), ())
+        if seen is not None and field in seen:
+            continue  # the Secret watch has it: no read
+        if not await _secret_value(runtime, ns, ref, default):
+            missing.append(f"{ref['name']}/{field}")
     return missing
 
 
@@ -245,17 +251,22 @@ async def refresh_usage(runtime: Runtime, body: kopf.Body) -> None:
         await runtime.key_status_hook(key.namespace, changed)
 
 
-async def refresh_status(runtime: Runtime, namespace: str, name: str) -> None:
-    deployment = await runtime.client.get(DEPLOYMENTS, namespace, children.gateway_name(name))
-    body = await runtime.client.get(GATEWAYS, namespace, name)
+async def refresh_status(
+    runtime: Runtime, namespace: str, name: str, *, body: dict[str, Any] | None = None
+) -> None:
+    """With `body` (the timer's: kopf's watched copy) nothing is read when the watches
+    have delivered the Deployment and the referenced Secrets."""
+    dep_status = await runtime.workload_status(DEPLOYMENTS, namespace, children.gateway_name(name))
+    given = body
+    if body is None:
+        body = await runtime.client.get(GATEWAYS, namespace, name)
     missing = await missing_secrets(runtime, body) if body is not None else []
     error = _errors.get(GatewayKey(namespace, name))
 
     def compute(body: dict[str, Any]) -> dict[str, Any]:
         generation = int(body["metadata"].get("generation") or 1)
-        dep_status = (deployment or {}).get("status") or {}
         desired = int((body.get("spec") or {}).get("replicas", 2))
-        ready = int(dep_status.get("readyReplicas") or 0)
+        ready = int((dep_status or {}).get("readyReplicas") or 0)
         if missing:
             available = condition(
                 "Ready", False, "SecretMissing", "missing Secret keys: " + ", ".join(missing)
@@ -283,7 +294,7 @@ async def refresh_status(runtime: Runtime, namespace: str, name: str) -> None:
         )
         return {
             "observedGeneration": generation,
-            "replicas": int(dep_status.get("replicas") or 0),
+            "replicas": int((dep_status or {}).get("replicas") or 0),
             "readyReplicas": ready,
             "selector": selector,
             "conditions": merge_conditions(
@@ -291,4 +302,4 @@ async def refresh_status(runtime: Runtime, namespace: str, name: str) -> None:
             ),
         }
 
-    await write_status(runtime, GATEWAYS, namespace, name, compute)
+    await write_status(runtime, GATEWAYS, namespace, name, compute, body=given)

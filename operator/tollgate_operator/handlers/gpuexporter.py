@@ -77,7 +77,11 @@ async def exporter_loop(
 ) -> None:
     assert namespace is not None  # every tollgate kind is namespaced
     runtime: Runtime = memo.runtime
-    converger = Converger(f"exporter {namespace}/{name}", lambda: converge(runtime, body, logger))
+    converger = Converger(
+        f"exporter {namespace}/{name}",
+        lambda: converge(runtime, body, logger),
+        kind="GPUExporter",
+    )
     runtime.convergers[uid] = converger
     task = asyncio.create_task(converger.run(), name=f"converger {namespace}/{name}")
     try:
@@ -91,20 +95,25 @@ async def exporter_loop(
 
 
 @kopf.timer(GROUP, VERSION, "gpuexporters", interval=SETTINGS.status_interval)
-async def refresh(namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def refresh(
+    body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any
+) -> None:
+    """From kopf's copy of the exporter and the DaemonSet's watch: no read."""
     assert namespace is not None  # every tollgate kind is namespaced
-    await refresh_status(memo.runtime, namespace, name)
+    await refresh_status(memo.runtime, namespace, name, body=plain(body))
 
 
-async def refresh_status(runtime: Runtime, namespace: str, name: str) -> None:
-    ds = await runtime.client.get(DAEMONSETS, namespace, children.exporter_name(name))
+async def refresh_status(
+    runtime: Runtime, namespace: str, name: str, *, body: dict[str, Any] | None = None
+) -> None:
+    ds_status = await runtime.workload_status(DAEMONSETS, namespace, children.exporter_name(name))
     error = _errors.get(ObjectKey(GPU_EXPORTERS, namespace, name))
 
     def compute(body: dict[str, Any]) -> dict[str, Any]:
         generation = int(body["metadata"].get("generation") or 1)
-        ds_status = (ds or {}).get("status") or {}
-        desired = int(ds_status.get("desiredNumberScheduled") or 0)
-        ready = int(ds_status.get("numberReady") or 0)
+        ds_status_ = ds_status or {}
+        desired = int(ds_status_.get("desiredNumberScheduled") or 0)
+        ready = int(ds_status_.get("numberReady") or 0)
         if error:
             cond = condition("Ready", False, "ReconcileError", error)
         elif desired == 0:
@@ -119,4 +128,4 @@ async def refresh_status(runtime: Runtime, namespace: str, name: str) -> None:
             "conditions": merge_conditions(current.get("conditions"), [cond], generation),
         }
 
-    await write_status(runtime, GPU_EXPORTERS, namespace, name, compute)
+    await write_status(runtime, GPU_EXPORTERS, namespace, name, compute, body=body)

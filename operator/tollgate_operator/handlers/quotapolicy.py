@@ -16,6 +16,7 @@ import kopf
 from ..client import QUOTA_POLICIES
 from ..conditions import condition, merge_conditions
 from ..configdoc import ApiKeyView, GatewayView, PolicyView, effective_policy
+from ..reconcile import plain
 from ..runtime import Runtime
 from ..settings import GROUP, SETTINGS, VERSION
 from ..status import write_status
@@ -51,6 +52,7 @@ def users(
 
 @kopf.timer(GROUP, VERSION, "quotapolicies", interval=SETTINGS.status_interval)
 async def refresh(
+    body: kopf.Body,
     namespace: str | None,
     name: str,
     memo: kopf.Memo,
@@ -60,12 +62,19 @@ async def refresh(
     gateways_by_name: kopf.Index[Any, Any] = kwargs["gateways_by_name"]
     assert namespace is not None  # every tollgate kind is namespaced
     keys = users(namespace, name, apikeys_by_gateway, gateways_by_name)
-    await refresh_status(memo.runtime, namespace, name, keys)
+    await refresh_status(memo.runtime, namespace, name, keys, body=plain(body))
 
 
 async def refresh_status(
-    runtime: Runtime, namespace: str, name: str, keys: list[ApiKeyView]
+    runtime: Runtime,
+    namespace: str,
+    name: str,
+    keys: list[ApiKeyView],
+    *,
+    body: dict[str, Any] | None = None,
 ) -> None:
+    """With `body` (the timer's, kopf's watched copy) nothing is read."""
+
     def compute(body: dict[str, Any]) -> dict[str, Any]:
         generation = int(body["metadata"].get("generation") or 1)
         current = body.get("status") or {}
@@ -80,4 +89,4 @@ async def refresh_status(
             "conditions": merge_conditions(current.get("conditions"), [in_use], generation),
         }
 
-    await write_status(runtime, QUOTA_POLICIES, namespace, name, compute)
+    await write_status(runtime, QUOTA_POLICIES, namespace, name, compute, body=body)

@@ -86,16 +86,7 @@ async def embeddings(ex: Exchange) -> None:
             embedding = base64.b64encode(struct.pack(f"<{dims}f", *vec)).decode()
         items.append({"index": index, "object": "embedding", "embedding": embedding})
     tokens = sum(count_input(v) for v in inputs)
-    rid = "embd-" + (ex.request_id() or uuid.uuid4().hex)
-    body = {
-        "id": rid,
-        "object": "list",
-        "created": int(time.time()),
-        "model": model,
-        "data": items,
-        "usage": _usage(tokens),
-    }
-    await answer(ex, _plan(ex, model, lora, tokens, rid), dumps(body))
+    await _list_answer(ex, "embd-", model, lora, items, tokens)
 
 
 async def cohere_embed(ex: Exchange) -> None:
@@ -179,16 +170,7 @@ async def score(ex: Exchange) -> None:
         {"index": i, "object": "score", "score": relevance(a, b)} for i, (a, b) in enumerate(pairs)
     ]
     tokens = sum(count_input(a) + count_input(b) for a, b in pairs)
-    rid = "score-" + (ex.request_id() or uuid.uuid4().hex)
-    body = {
-        "id": rid,
-        "object": "list",
-        "created": int(time.time()),
-        "model": model,
-        "data": items,
-        "usage": _usage(tokens),
-    }
-    await answer(ex, _plan(ex, model, lora, tokens, rid), dumps(body))
+    await _list_answer(ex, "score-", model, lora, items, tokens)
 
 
 async def rerank(ex: Exchange) -> None:
@@ -217,4 +199,20 @@ async def rerank(ex: Exchange) -> None:
     tokens = sum(count_input(query) + count_input(t) for t in texts)
     rid = "rerank-" + (ex.request_id() or uuid.uuid4().hex)
     body = {"id": rid, "model": model, "usage": {"total_tokens": tokens}, "results": results}
+    await answer(ex, _plan(ex, model, lora, tokens, rid), dumps(body))
+
+
+async def _list_answer(
+    ex: Exchange, prefix: str, model: str, lora: str | None, items: list[Any], tokens: int
+) -> None:
+    """An embeddings or score answer: vLLM's `object: list` body with prompt-only usage."""
+    rid = prefix + (ex.request_id() or uuid.uuid4().hex)
+    body = {
+        "id": rid,
+        "object": "list",
+        "created": int(time.time()),
+        "model": model,
+        "data": items,
+        "usage": _usage(tokens),
+    }
     await answer(ex, _plan(ex, model, lora, tokens, rid), dumps(body))

@@ -58,7 +58,6 @@ log = logging.getLogger("tollgate.upstream")
 KEEPALIVE_SECONDS = 4.0
 # URLs built once per replica: its health and model list, and every fixed route.
 PATHS = ("/health", "/v1/models", *(e.route for e in ENDPOINTS if "{" not in e.route))
-_CLIENT_ERRORS = (aiohttp.ClientError, TimeoutError)
 
 
 class Limits(NamedTuple):

@@ -101,15 +101,12 @@ class RequestRecord:
 
     def finish(self) -> None:
         """At the end: the status a client that left gets in logs and metrics (nginx's
-        499, "client closed request"), and the usage of a request cut short."""
+        499, "client closed request"), and the usage of a request that reached the
+        upstream but ended without its report (a broken, abandoned or cut stream; a
+        client that left a non-stream request): the prompt estimate plus one completion
+        token per content chunk streamed."""
         if self.phase is Phase.ABANDONED and self.status == 0:
             self.status = CLIENT_CLOSED_REQUEST
-        self.settle_usage()
-
-    def settle_usage(self) -> None:
-        """Usage for a request that reached the upstream but ended without its report
-        (a broken, abandoned or cut stream; a client that left a non-stream request):
-        the prompt estimate plus one completion token per content chunk streamed."""
         if self.usage is None and self.awaiting_usage:
             self.usage = Usage(self.prompt_estimate, self.streamed_chunks, 1)
             self.usage_exact = False

@@ -49,15 +49,15 @@ from yarl import URL
 
 from tollgate_gateway import errors, h1client
 from tollgate_gateway.breaker import CircuitBreaker, State
-from tollgate_gateway.endpoints import ENDPOINTS
 from tollgate_gateway.errors import Refusal
 from tollgate_gateway.settings import Settings
 
 log = logging.getLogger("tollgate.upstream")
 
 KEEPALIVE_SECONDS = 4.0
-# URLs built once per replica: its health and model list, and every fixed route.
-PATHS = ("/health", "/v1/models", *(e.route for e in ENDPOINTS if "{" not in e.route))
+# The URLs the health poll uses, built once per replica (requests go through h1client,
+# which takes a request target).
+PATHS = ("/health", "/v1/models")
 
 
 class Limits(NamedTuple):
@@ -133,10 +133,6 @@ class Upstream:
         # None: not known yet (the replica is tried for any model).
         self.models: frozenset[str] | None = frozenset(models) if models is not None else None
         self.configured_models = models is not None
-
-    def url_for(self, target: str) -> URL:
-        """The URL of a request target (path and query) on this replica."""
-        return self.url.get(target) or URL(self.base + target, encoded=True)
 
     def available(self) -> bool:
         return self.healthy and self.breaker.state is not State.OPEN

@@ -141,13 +141,18 @@ async def completions(ex: Exchange) -> None:
     await generate(ex, plan, CompletionRenderer(plan, include_usage, continuous))
 
 
-class ChatRenderer(Renderer):
+class _ChoicesRenderer(Renderer):
+    """Chat and completions: a usage chunk only when asked (`include_usage`), usage on
+    every chunk with `continuous_usage_stats`, `finish_reason` on the last step."""
+
     def __init__(self, plan: Plan, include_usage: bool, continuous: bool) -> None:
         super().__init__(plan)
         self.usage_in_stream = include_usage
         self.continuous = continuous
         self.last = plan.max_tokens - 1
 
+
+class ChatRenderer(_ChoicesRenderer):
     @functools.cached_property
     def prefix(self) -> str:
         """What every chunk starts with (only streams need it)."""
@@ -209,13 +214,7 @@ class ChatRenderer(Renderer):
         ).encode()
 
 
-class CompletionRenderer(Renderer):
-    def __init__(self, plan: Plan, include_usage: bool, continuous: bool) -> None:
-        super().__init__(plan)
-        self.usage_in_stream = include_usage
-        self.continuous = continuous
-        self.last = plan.max_tokens - 1
-
+class CompletionRenderer(_ChoicesRenderer):
     @functools.cached_property
     def prefix(self) -> str:
         plan = self.plan

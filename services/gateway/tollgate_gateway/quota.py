@@ -240,30 +240,27 @@ class QuotaLedger:
         cur = self._minute_counts(name, minute)
         prev = self._minute_counts(name, minute - 1)
         unseen_minute = self._unflushed((name, minute), _MINUTES)
-        if rpm is not None:
-            wanted = cur.requests + requests
-            wait = _sliding_wait(prev.requests, wanted, rpm, frac, requests)
+        # The two sliding windows, alike: (limit, previous minute, wanted now with this
+        # request, this request's own share, what the other replicas may not have shown).
+        windows = (
+            (rpm, "requests", prev.requests, cur.requests + requests, requests,
+             unseen_minute.requests),
+            (tpm, "tokens", prev.tokens, cur.tokens + reserved + tokens, tokens,
+             unseen_minute.tokens + reserved),
+        )  # fmt: skip
+        for limit, unit, previous, wanted, own, unseen in windows:
+            if limit is None:
+                continue
+            wait = _sliding_wait(previous, wanted, limit, frac, own)
             if wait > 0:
                 raise Refusal(
                     errors.RATE_LIMITED,
-                    f"Rate limit reached: {rpm} requests per minute for this key.",
+                    f"Rate limit reached: {limit} {unit} per minute for this key.",
                     wait,
                     reason="rate",
                 )
-            seen = prev.requests * (1 - frac) + wanted + others * unseen_minute.requests
-            near = near or seen > rpm * (1 - self.exact_margin)
-        if tpm is not None:
-            wanted = cur.tokens + reserved + tokens
-            wait = _sliding_wait(prev.tokens, wanted, tpm, frac, tokens)
-            if wait > 0:
-                raise Refusal(
-                    errors.RATE_LIMITED,
-                    f"Rate limit reached: {tpm} tokens per minute for this key.",
-                    wait,
-                    reason="rate",
-                )
-            seen = prev.tokens * (1 - frac) + wanted + others * (unseen_minute.tokens + reserved)
-            near = near or seen > tpm * (1 - self.exact_margin)
+            seen = previous * (1 - frac) + wanted + others * unseen
+            near = near or seen > limit * (1 - self.exact_margin)
         return near
 
     def settle(self, admission: Admission, usage: Usage | None) -> None:

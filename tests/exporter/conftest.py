@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from servers import Process, free_port, scaled
 
 HERE = Path(__file__).parent
 GIB = 1 << 30
@@ -228,34 +227,14 @@ def _wire_name(name: str, on_wire: set[str]) -> str:
     return name if name in on_wire else name.removesuffix("_total")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Exporter:
+class Exporter(Process):
     """The real `tollgate-gpu-exporter` process, on 127.0.0.1 and a free port."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, args: list[str], env: dict[str, str | None], log_path: Path) -> None:
         self.port = free_port()
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tollgate_exporter.main",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                *args,
-            ],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
+        argv = [sys.executable, "-m", "tollgate_exporter.main"]
+        argv += ["--host", "127.0.0.1", "--port", str(self.port), *args]
+        super().__init__(argv, env, log_path)
 
     @property
     def url(self) -> str:
@@ -275,51 +254,36 @@ class Exporter:
         assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
         return Scrape.parse(body.decode())
 
-    def wait_for(
+    def wait_scrape(
         self,
         check: Callable[[Scrape], bool],
         timeout: float = 10.0,
         path: str = "/metrics",
         what: str = "",
     ) -> Scrape:
-        """Poll scrapes until `check` holds; fails saying what it waited for, with the last
-        scrape and the log."""
-        deadline = time.monotonic() + timeout
+        """Poll scrapes until `check` holds (the deadline scaled for a busy machine); fails
+        saying what it waited for, with the last scrape and the log."""
+        deadline = time.monotonic() + scaled(timeout)
         last: Scrape | None = None
         while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"exporter exited:\n{self.logs()}"
+            assert self.proc.poll() is None, f"exporter exited:\n{self.describe()}"
             with contextlib.suppress(OSError):
                 last = self.scrape(path)
                 if check(last):
                     return last
             time.sleep(0.05)
         pytest.fail(
-            f"{what or 'condition'} not met in {timeout}s\n--- last scrape ---\n"
-            f"{last.text if last else None}\n--- log ---\n{self.logs()}"
+            f"{what or 'condition'} not met in {scaled(timeout):.0f} s\n--- last scrape ---\n"
+            f"{last.text if last else None}\n{self.describe()}"
         )
 
     def wait_collects(self, n: int = 1, timeout: float = 10.0) -> Scrape:
-        return self.wait_for(
+        return self.wait_scrape(
             lambda s: (
                 s.has("gpu_exporter_collects_total") and s.value("gpu_exporter_collects_total") >= n
             ),
             timeout,
         )
-
-    def logs(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture
@@ -334,12 +298,12 @@ def start_exporter(fake_nvml_dir: Path, tmp_path: Path) -> Iterator[Callable[...
         pod_socket: str = "",
         interval: float = 0.2,
     ) -> Exporter:
-        env = {k: v for k, v in os.environ.items() if k not in ("FAKE_NVML_SCENARIO", "NODE_NAME")}
-        env["LD_LIBRARY_PATH"] = str(lib_dir or fake_nvml_dir)
-        env["NODE_NAME"] = "gpu-node-7"
-        env["PYTHONUNBUFFERED"] = "1"
-        if scenario is not None:
-            env["FAKE_NVML_SCENARIO"] = str(scenario.path)
+        env: dict[str, str | None] = {
+            "LD_LIBRARY_PATH": str(lib_dir or fake_nvml_dir),
+            "NODE_NAME": "gpu-node-7",
+            "PYTHONUNBUFFERED": "1",
+            "FAKE_NVML_SCENARIO": str(scenario.path) if scenario is not None else None,
+        }
         exporter = Exporter(
             [
                 "--interval",
@@ -359,7 +323,7 @@ def start_exporter(fake_nvml_dir: Path, tmp_path: Path) -> Iterator[Callable[...
     yield start
     for exporter in started:
         rc = exporter.stop()
-        assert rc == 0, f"exporter did not exit cleanly on SIGTERM (rc={rc}):\n{exporter.logs()}"
+        assert rc == 0, f"exporter did not exit cleanly on SIGTERM:\n{exporter.describe()}"
 
 
 # --- kubelet pod-resources gRPC server --------------------------------------------------------

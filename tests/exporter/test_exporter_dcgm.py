@@ -41,7 +41,7 @@ def dcgm_scrape(scenario: Scenario, start_exporter, kubelet) -> tuple[Any, Scrap
     kubelet.pod("ml", "trainer-0", {"main": [H100["uuid"]]})
     scenario.xids.append((0, 48))
     exp = start_exporter(scenario.write(), "--format", "both", pod_socket=str(kubelet.socket_path))
-    s = exp.wait_for(
+    s = exp.wait_scrape(
         lambda s: (
             s.has("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", pod="trainer-0")
             and s.get("DCGM_FI_DEV_XID_ERRORS", gpu="0") == 48
@@ -95,7 +95,7 @@ def test_the_gaps_dcgm_exporter_users_rely_on(tmp_path: Path, start_exporter) ->
         t4(1, retired_sbe=2, retired_dbe=1, retired_pending=1),
     ]  # fmt: skip
     exp = start_exporter(Scenario(tmp_path / "gaps.ini", gpus=gpus).write(), "--format", "dcgm")
-    s = exp.wait_for(
+    s = exp.wait_scrape(
         lambda s: s.has("DCGM_FI_PROF_GR_ENGINE_ACTIVE"), 30, what="GPM in the dcgm format"
     )
     assert s.value("DCGM_FI_PROF_GR_ENGINE_ACTIVE", gpu="0") == 0.66

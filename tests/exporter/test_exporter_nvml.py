@@ -120,7 +120,7 @@ def test_unsupported_calls_are_skipped_for_that_gpu_only(
     assert not s.has("gpu_exporter_unsupported_metric", call="utilization")
     # NOT_SUPPORTED is not an error, and is logged once, not once per collect
     assert not s.has("gpu_exporter_nvml_errors_total", call="remapped_rows")
-    assert exp.logs().count("GPU 1: remapped_rows not supported") == 1
+    assert exp.output().count("GPU 1: remapped_rows not supported") == 1
 
 
 def test_lost_gpu_is_reported_and_the_others_keep_exporting(
@@ -130,7 +130,7 @@ def test_lost_gpu_is_reported_and_the_others_keep_exporting(
     exp.wait_collects(1)
     scenario.gpus[1]["lost"] = 1
     scenario.write()
-    s = exp.wait_for(lambda s: s.has("gpu_lost", gpu="1") and s.value("gpu_lost", gpu="1") == 1)
+    s = exp.wait_scrape(lambda s: s.has("gpu_lost", gpu="1") and s.value("gpu_lost", gpu="1") == 1)
     n = s.value("gpu_exporter_collects_total")
     s = exp.wait_collects(n + 2)
     assert s.value("gpu_lost", gpu="1", uuid=T4["uuid"]) == 1
@@ -139,11 +139,11 @@ def test_lost_gpu_is_reported_and_the_others_keep_exporting(
     assert s.value("gpu_utilization_percent", gpu="0") == 87
     assert s.value("gpu_exporter_nvml_up") == 1
     assert s.value("gpu_exporter_nvml_errors_total", call="utilization") >= 1
-    assert "GPU 1 ({}) is lost".format(T4["uuid"]) in exp.logs()
+    assert "GPU 1 ({}) is lost".format(T4["uuid"]) in exp.output()
 
     scenario.gpus[1]["lost"] = 0
     scenario.write()
-    s = exp.wait_for(lambda s: s.has("gpu_utilization_percent", gpu="1"))
+    s = exp.wait_scrape(lambda s: s.has("gpu_utilization_percent", gpu="1"))
     assert s.value("gpu_lost", gpu="1") == 0
 
 
@@ -159,7 +159,7 @@ def test_no_driver_stays_up_then_recovers(scenario: Scenario, start_exporter) ->
     scenario.system["init_error"] = 9  # NVML_ERROR_DRIVER_NOT_LOADED
     exp = start_exporter(scenario.write())
     # NVML is retried on the session's own schedule, not once per collect
-    s = exp.wait_for(lambda s: s.value("gpu_exporter_nvml_inits_total", result="failure") >= 3)
+    s = exp.wait_scrape(lambda s: s.value("gpu_exporter_nvml_inits_total", result="failure") >= 3)
     assert s.value("gpu_exporter_nvml_up") == 0
     assert not s.has("gpu_utilization_percent")
     # no driver is a state to report, not a reason for the kubelet to restart the exporter:
@@ -168,12 +168,12 @@ def test_no_driver_stays_up_then_recovers(scenario: Scenario, start_exporter) ->
     assert status == 200 and json.loads(body)["status"] == "ok", body
     status, _, body = exp.get("/ready")
     assert status == 503 and "NVML down" in json.loads(body)["problems"], body
-    assert exp.logs().count("NVML unavailable") == 1
-    assert "Driver Not Loaded" in exp.logs()
+    assert exp.output().count("NVML unavailable") == 1
+    assert "Driver Not Loaded" in exp.output()
 
     scenario.system["init_error"] = 0
     scenario.write()
-    s = exp.wait_for(lambda s: s.value("gpu_exporter_nvml_up") == 1)
+    s = exp.wait_scrape(lambda s: s.value("gpu_exporter_nvml_up") == 1)
     assert s.value("gpu_utilization_percent", gpu="0") == 87
 
 
@@ -186,7 +186,7 @@ def test_no_nvml_library_at_all(tmp_path: Path, start_exporter) -> None:
 
     if ctypes.util.find_library("nvidia-ml") is None:  # a real driver would be found instead
         assert s.value("gpu_exporter_nvml_up") == 0
-        assert "NVML unavailable" in exp.logs()
+        assert "NVML unavailable" in exp.output()
         assert s.has("gpu_exporter_collect_duration_seconds")
 
 
@@ -197,10 +197,10 @@ def test_session_is_reinitialised_after_a_lifecycle_error(
     exp.wait_collects(1)
     scenario.system["epoch"] = 1  # the "driver" reloaded: old session answers UNINITIALIZED
     scenario.write()
-    s = exp.wait_for(lambda s: s.value("gpu_exporter_nvml_inits_total", result="success") == 2)
-    s = exp.wait_for(lambda s: s.has("gpu_utilization_percent", gpu="1"))
+    s = exp.wait_scrape(lambda s: s.value("gpu_exporter_nvml_inits_total", result="success") == 2)
+    s = exp.wait_scrape(lambda s: s.has("gpu_utilization_percent", gpu="1"))
     assert s.value("gpu_exporter_nvml_up") == 1
-    assert "NVML session lost, re-initialising" in exp.logs()
+    assert "NVML session lost, re-initialising" in exp.output()
 
 
 def test_xid_errors_are_counted_from_nvml_events(scenario: Scenario, start_exporter) -> None:
@@ -209,7 +209,7 @@ def test_xid_errors_are_counted_from_nvml_events(scenario: Scenario, start_expor
     assert not exp.scrape().has("gpu_xid_errors_total")
     scenario.xids += [(0, 79), (0, 79), (1, 48)]
     scenario.write()
-    s = exp.wait_for(
+    s = exp.wait_scrape(
         lambda s: (
             s.has("gpu_xid_errors_total", gpu="1", xid="48")
             and s.value("gpu_xid_errors_total", gpu="0", xid="79") == 2
@@ -217,10 +217,10 @@ def test_xid_errors_are_counted_from_nvml_events(scenario: Scenario, start_expor
         timeout=4.0,
     )
     assert s.value("gpu_xid_errors_total", gpu="1", xid="48", uuid=T4["uuid"]) == 1
-    assert "XID 79 on GPU " + H100["uuid"] in exp.logs()
+    assert "XID 79 on GPU " + H100["uuid"] in exp.output()
     scenario.xids.append((0, 79))
     scenario.write()
-    exp.wait_for(lambda s: s.value("gpu_xid_errors_total", gpu="0", xid="79") == 3, timeout=4.0)
+    exp.wait_scrape(lambda s: s.value("gpu_xid_errors_total", gpu="0", xid="79") == 3, timeout=4.0)
 
 
 def test_mig_instances(tmp_path: Path, start_exporter) -> None:
@@ -272,7 +272,7 @@ def test_promtool_check_metrics_on_a_real_scrape(tmp_path: Path, start_exporter,
     sc.xids = [(0, 13)]
     kubelet.pod("ml", "trainer-0", {"main": [t4(1)["uuid"]]})
     exp = start_exporter(sc.write(), pod_socket=str(kubelet.socket_path))
-    s = exp.wait_for(lambda s: s.has("gpu_xid_errors_total") and s.has("gpu_allocation_info"))
+    s = exp.wait_scrape(lambda s: s.has("gpu_xid_errors_total") and s.has("gpu_allocation_info"))
     result = subprocess.run(
         [promtool, "check", "metrics"], input=s.text.encode(), capture_output=True, timeout=30
     )

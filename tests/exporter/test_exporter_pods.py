@@ -23,7 +23,7 @@ def test_pod_labels_from_the_kubelet(tmp_path: Path, start_exporter, kubelet) ->
     # MIG instances, by MIG UUID and by the older MIG-GPU-<uuid>/<gi>/<ci> naming
     kubelet.pod("ml", "notebook", {"lab": [MIG1], "sidecar": [f"MIG-{gpus[2]['uuid']}/2/0"]})
     exp = start_exporter(sc.write(), pod_socket=str(kubelet.socket_path))
-    s = exp.wait_for(lambda s: s.has("gpu_allocation_info", pod="notebook"))
+    s = exp.wait_scrape(lambda s: s.has("gpu_allocation_info", pod="notebook"))
 
     vllm = {"pod": "vllm-0", "namespace": "inference", "container": "server"}
     assert s.value("gpu_utilization_percent", gpu="0", **vllm) == 87
@@ -60,16 +60,16 @@ def test_kubelet_failure_drops_pod_labels_not_the_scrape(
 ) -> None:
     kubelet.pod("inference", "vllm-0", {"server": [scenario.gpus[0]["uuid"]]})
     exp = start_exporter(scenario, pod_socket=str(kubelet.socket_path))
-    exp.wait_for(lambda s: s.has("gpu_utilization_percent", gpu="0", pod="vllm-0"))
+    exp.wait_scrape(lambda s: s.has("gpu_utilization_percent", gpu="0", pod="vllm-0"))
 
     kubelet.stop()
     kubelet.socket_path.unlink(missing_ok=True)
-    s = exp.wait_for(lambda s: s.value("gpu_exporter_podresources_up") == 0)
-    s = exp.wait_for(lambda s: not s.has("gpu_allocation_info"))
+    s = exp.wait_scrape(lambda s: s.value("gpu_exporter_podresources_up") == 0)
+    s = exp.wait_scrape(lambda s: not s.has("gpu_allocation_info"))
     labels, value = s.find("gpu_utilization_percent", gpu="0")[0]
     assert "pod" not in labels and value == 87
     assert s.value("gpu_exporter_podresources_errors_total") >= 1
-    assert "pod-resources unavailable, pod labels dropped" in exp.logs()
+    assert "pod-resources unavailable, pod labels dropped" in exp.output()
 
 
 def test_missing_socket_is_not_fatal(scenario: Scenario, start_exporter) -> None:
@@ -77,4 +77,4 @@ def test_missing_socket_is_not_fatal(scenario: Scenario, start_exporter) -> None
     s = exp.wait_collects(3)
     assert s.value("gpu_exporter_podresources_up") == 0
     assert s.value("gpu_utilization_percent", gpu="0") == 87
-    assert exp.logs().count("pod-resources unavailable") == 1
+    assert exp.output().count("pod-resources unavailable") == 1

@@ -1,4 +1,4 @@
-"""Real processes on 127.0.0.1 for the tests: the simulator and the gateway.
+"""Real processes on 127.0.0.1 for the tests: the simulator, the gateway, the exporter.
 
 Every wait here has a deadline scaled by `TOLLGATE_TEST_TIMEOUT_SCALE` (default 3), so the
 suite holds on a machine whose cores are busy; a test states the time something needs on

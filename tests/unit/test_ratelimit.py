@@ -5,12 +5,17 @@ from __future__ import annotations
 import pytest
 from clocks import ManualClock
 
+from tollgate_gateway.podshare import PodLock, RateTable
 from tollgate_gateway.ratelimit import ClientAddress, Gcra
+
+
+def gcra(rate: float, burst: int, clock: ManualClock) -> Gcra:
+    return Gcra(rate, burst, RateTable(PodLock(1)), clock)
 
 
 @pytest.mark.parametrize(("rate", "burst"), [(10.0, 3), (3.0, 5), (0.5, 1), (100.0, 50)])
 def test_exact_burst_then_refused(clock: ManualClock, rate: float, burst: int) -> None:
-    limit = Gcra(rate, burst, clock)
+    limit = gcra(rate, burst, clock)
     assert [limit.check("a") for _ in range(burst)] == [0.0] * burst
     assert limit.check("a") == pytest.approx(1 / rate, abs=1e-6)
 
@@ -19,13 +24,13 @@ def test_exact_burst_at_any_clock_value() -> None:
     """Float rounding at a large clock value must not eat into the burst."""
     for start in (0.0, 285_120.0, 1_000_000.7, 12_345.6, 1_795_000_000.123, 4e9):
         for rate, burst in ((10.0, 3), (3.0, 5), (7.0, 4), (100.0, 50), (1 / 3, 2)):
-            limit = Gcra(rate, burst, ManualClock(start))
+            limit = gcra(rate, burst, ManualClock(start))
             assert [limit.check("a") for _ in range(burst)] == [0.0] * burst, (start, rate)
             assert limit.check("a") == pytest.approx(1 / rate, abs=1e-6), (start, rate)
 
 
 def test_refused_requests_are_not_counted(clock: ManualClock) -> None:
-    limit = Gcra(2.0, 2, clock)
+    limit = gcra(2.0, 2, clock)
     assert limit.check("a") == limit.check("a") == 0.0
     for _ in range(5):
         assert limit.check("a") == pytest.approx(0.5, abs=1e-6)
@@ -35,7 +40,7 @@ def test_refused_requests_are_not_counted(clock: ManualClock) -> None:
 
 
 def test_retry_after_is_when_the_next_request_passes(clock: ManualClock) -> None:
-    limit = Gcra(4.0, 2, clock)
+    limit = gcra(4.0, 2, clock)
     limit.check("a"), limit.check("a")
     clock.advance(0.1)
     wait = limit.check("a")
@@ -47,14 +52,14 @@ def test_retry_after_is_when_the_next_request_passes(clock: ManualClock) -> None
 
 
 def test_steady_rate_passes_forever(clock: ManualClock) -> None:
-    limit = Gcra(4.0, 1, clock)  # 0.25 s apart: exact in binary
+    limit = gcra(4.0, 1, clock)  # 0.25 s apart: exact in binary
     for _ in range(1000):
         assert limit.check("a") == 0.0
         clock.advance(0.25)
 
 
 def test_steady_rate_above_the_limit_is_cut_to_it(clock: ManualClock) -> None:
-    limit, start = Gcra(5.0, 10, clock), clock.now
+    limit, start = gcra(5.0, 10, clock), clock.now
     allowed = 0
     for i in range(1000):  # 10 requests per second for 100 s
         clock.now = start + i / 10
@@ -63,14 +68,14 @@ def test_steady_rate_above_the_limit_is_cut_to_it(clock: ManualClock) -> None:
 
 
 def test_clients_are_independent(clock: ManualClock) -> None:
-    limit = Gcra(1.0, 1, clock)
+    limit = gcra(1.0, 1, clock)
     assert limit.check("a") == 0.0
     assert limit.check("a") > 0
     assert limit.check("b") == 0.0
 
 
 def test_idle_clients_are_swept(clock: ManualClock) -> None:
-    limit = Gcra(1.0, 5, clock)
+    limit = gcra(1.0, 5, clock)
     for client in ("a", "b", "c"):
         limit.check(client)
     assert limit.clients == 3
@@ -82,7 +87,7 @@ def test_idle_clients_are_swept(clock: ManualClock) -> None:
 
 
 def test_busy_clients_survive_the_sweep(clock: ManualClock) -> None:
-    limit = Gcra(1.0, 20, clock)
+    limit = gcra(1.0, 20, clock)
     for _ in range(20):
         limit.check("busy")
     limit.check("idle")

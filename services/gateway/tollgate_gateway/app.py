@@ -28,6 +28,7 @@ from tollgate_gateway.logs import AccessLog
 from tollgate_gateway.metrics import GatewayMetrics, StateCollector
 from tollgate_gateway.metrics_server import MetricsServer
 from tollgate_gateway.models import ModelRoutes
+from tollgate_gateway.podshare import PodShare
 from tollgate_gateway.proxy import NEVER_FORWARDED, Proxy, ProxySettings
 from tollgate_gateway.quota import QuotaLedger
 from tollgate_gateway.ratelimit import ClientAddress, Gcra
@@ -44,7 +45,11 @@ log = logging.getLogger("tollgate.gateway")
 
 
 class Gateway:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, share: PodShare, metrics_socket: str | None = None
+    ) -> None:
+        """`share`: the limits this process shares with the pod's other workers (if any);
+        `metrics_socket`: a worker's, where the supervisor collects its metrics."""
         self.settings = settings
         self.lifecycle = Lifecycle()
         self.current = CurrentConfig()
@@ -72,17 +77,21 @@ class Gateway:
             else None
         )
         self.quota = QuotaLedger(
-            open_store(settings.database_url, settings.quota_db_schema),
+            open_store(settings.database_url, settings.quota_db_schema, settings.gateway_workers),
             settings.quota_flush_interval_seconds,
             settings.quota_fail_closed,
             exact_margin=settings.quota_exact_margin,
+            counts=share.keys,
+            workers=settings.gateway_workers,
         )
         self.pool = UpstreamPool(settings, on_models=self._update_known_models)
         self.metrics = GatewayMetrics(
             StateCollector(self.lifecycle, self.pool, self.quota, self.current, self.config)
         )
         self.quota.on_flush = self.metrics.quota_flush.observe
-        self.access_log = AccessLog()
+        self.access_log = AccessLog(
+            worker=share.keys.worker if settings.gateway_workers > 1 else None
+        )
         self.tracing: Tracing | None = None
         if settings.enable_otlp_tracing:
             from tollgate_gateway.tracing import Tracing, otlp_exporter
@@ -91,7 +100,7 @@ class Gateway:
         self.proxy = Proxy(
             proxy_settings(settings, self.pool),
             self.current,
-            Gcra(settings.gateway_ip_rate_per_second, settings.gateway_ip_burst)
+            Gcra(settings.gateway_ip_rate_per_second, settings.gateway_ip_burst, share.rates)
             if settings.gateway_ip_rate_per_second > 0
             else None,
             ClientAddress(settings.gateway_trusted_proxies),
@@ -101,7 +110,7 @@ class Gateway:
             self.tracing,
             self.settle,
         )
-        metrics_here = settings.gateway_metrics_port is None
+        metrics_here = settings.gateway_metrics_port is None and metrics_socket is None
         self.api = build_api(
             self._lifespan,
             self.current,
@@ -115,7 +124,10 @@ class Gateway:
             None
             if metrics_here
             else MetricsServer(
-                self.metrics.render, settings.gateway_host, settings.gateway_metrics_port or 0
+                self.metrics.render,
+                settings.gateway_host,
+                settings.gateway_metrics_port or 0,
+                metrics_socket,
             )
         )
         self._tasks: list[asyncio.Task[None]] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import select
 import sys
 import time
 from typing import Any, TextIO
@@ -61,14 +62,24 @@ class AccessLog:
 
     It runs on every request, so it skips the logging module (record objects, handler
     locks, a write and flush per line): a line is one `json.dumps` and a list append, and
-    the lines leave in one write at most `interval` seconds later (or every `max_lines`).
+    the lines leave together at most `interval` seconds later (or every `max_lines`).
     `flush` runs at shutdown; a crash loses at most `interval` of log lines, never usage.
+    The workers of a pod share stdout, a pipe: each write holds whole lines and at most
+    `PIPE_BUF` bytes, the most a pipe writes without interleaving another writer's bytes.
     """
 
-    def __init__(self, stream: TextIO | None = None, interval: float = 0.2, max_lines: int = 256):
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        interval: float = 0.2,
+        max_lines: int = 256,
+        worker: int | None = None,
+    ):
+        """`worker`: this process's index among the pod's workers, named on each line."""
         self.stream = stream or sys.stdout
         self.interval = interval
         self.max_lines = max_lines
+        self.worker = worker
         self.enabled = logging.getLogger("tollgate.access").isEnabledFor(logging.INFO)
         self._lines: list[str] = []
         self._timer: asyncio.TimerHandle | None = None
@@ -103,6 +114,8 @@ class AccessLog:
             "overhead_ms": round((latency_seconds - ex.upstream_seconds) * 1000, 3),
             "client_disconnected": ex.phase is Phase.ABANDONED,
         }
+        if self.worker is not None:
+            entry["worker"] = self.worker
         self._lines.append(json.dumps(entry, separators=(",", ":")))
         if len(self._lines) >= self.max_lines:
             self.flush()
@@ -113,10 +126,21 @@ class AccessLog:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if self._lines:
-            self.stream.write("\n".join(self._lines) + "\n")
-            self._lines.clear()
-            self.stream.flush()
+        chunk: list[str] = []
+        size = 0
+        for line in self._lines:
+            if chunk and size + len(line) + 1 > select.PIPE_BUF:
+                self._write(chunk)
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line) + 1  # JSON with ensure_ascii: one byte a character
+        if chunk:
+            self._write(chunk)
+        self._lines.clear()
+
+    def _write(self, lines: list[str]) -> None:
+        self.stream.write("\n".join(lines) + "\n")
+        self.stream.flush()
 
     def _timestamp(self) -> str:
         now = time.time()

@@ -1,4 +1,5 @@
-"""`tollgate-gateway`: load the settings, run the gateway under uvicorn, drain on SIGTERM.
+"""`tollgate-gateway`: load the settings, run the gateway under uvicorn, drain on SIGTERM
+(in this process, or in `GATEWAY_WORKERS` forked workers: `workers.py`).
 
 uvicorn already stops accepting and waits for in-flight requests on SIGTERM; what it
 lacks is the readiness step before that (so a load balancer stops sending first), a clean
@@ -26,7 +27,9 @@ from tollgate_gateway.app import Gateway
 from tollgate_gateway.config_watch import ConfigError
 from tollgate_gateway.connections import guarded_protocol
 from tollgate_gateway.logs import configure_logging
-from tollgate_gateway.settings import SettingsError, load_settings
+from tollgate_gateway.podshare import PodShare
+from tollgate_gateway.settings import Settings, SettingsError, load_settings
+from tollgate_gateway.workers import supervise
 
 log = logging.getLogger("tollgate.gateway")
 
@@ -84,18 +87,19 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def main() -> None:
+def run(
+    settings: Settings,
+    share: PodShare,
+    listener: socket.socket | None = None,
+    metrics_socket: str | None = None,
+) -> int:
+    """The gateway in this process until it has drained; the exit status. `listener`
+    and `metrics_socket` are a worker's (`workers.py`); alone, it binds its own port."""
     try:
-        settings = load_settings()
-    except SettingsError as exc:
-        print(f"tollgate-gateway: {exc}", file=sys.stderr)
-        sys.exit(2)
-    configure_logging(settings.log_level)
-    try:
-        gateway = Gateway(settings)
+        gateway = Gateway(settings, share, metrics_socket)
     except (ConfigError, ValueError) as exc:
         print(f"tollgate-gateway: {exc}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     config = uvicorn.Config(
         gateway,
         host=settings.gateway_host,
@@ -118,9 +122,20 @@ def main() -> None:
     server = DrainingServer(
         config, gateway, settings.gateway_shutdown_delay_seconds, settings.gateway_drain_seconds
     )
-    server.run()
-    if not server.started:
-        sys.exit(3)
+    server.run(sockets=[listener] if listener is not None else None)
+    return 0 if server.started else 3
+
+
+def main() -> None:
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"tollgate-gateway: {exc}", file=sys.stderr)
+        sys.exit(2)
+    configure_logging(settings.log_level)
+    if settings.gateway_workers > 1:
+        sys.exit(supervise(settings, run))
+    sys.exit(run(settings, PodShare(1)))
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ meaning: `tollgate_time_to_first_token_seconds` is `gen_ai.server.time_to_first_
 `tollgate_tokens_total{type="input"|"output"}` counts `gen_ai.client.token.usage` by
 `gen_ai.token.type`.
 
-One process per pod: the gateway runs a single uvicorn process (no `--workers`), so these
-in-process metrics are complete; scale with replicas.
+With `GATEWAY_WORKERS` > 1 each worker keeps its own and the supervisor merges them at
+each scrape (`merge_workers`): a series is summed over the workers, except the gauges
+that say a state or a time, named in `POD_MIN` and `POD_MAX`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from tollgate_gateway import __version__
 
@@ -51,6 +53,26 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # `*_created` series double the exposition and no dashboard or alert uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 OTHER_MODEL = "other"
+# Gauges whose pod value is the workers' lowest: up only if every worker says so; the
+# oldest flush and start.
+POD_MIN = frozenset(
+    {
+        "tollgate_upstream_up",
+        "tollgate_config_last_reload_ok",
+        "tollgate_quota_store_up",
+        "tollgate_quota_last_flush_timestamp_seconds",
+        "process_start_time_seconds",
+    }
+)
+# Gauges whose pod value is the highest: a state any worker is in, a count they all see.
+POD_MAX = frozenset(
+    {
+        "tollgate_circuit_breaker_state",
+        "tollgate_draining",
+        "tollgate_config_keys",
+        "process_max_fds",
+    }
+)
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFT = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 30)
@@ -332,3 +354,42 @@ class StateCollector(Collector):
             "Unix time of the last successful flush to the quota store.",
             value=quota.last_flush_at,
         )
+
+
+def merge_workers(texts: Iterable[str]) -> str:
+    """One exposition from the workers' own: each series summed over them (counters,
+    histograms, in-flight counts, CPU and memory), the lowest or highest value for the
+    gauges in `POD_MIN` and `POD_MAX`, and `_info` series as they are (1)."""
+    heads: dict[str, list[str]] = {}
+    samples: dict[str, dict[str, float]] = {}
+    for text in texts:
+        family = ""
+        for line in text.splitlines():
+            if line.startswith("#"):
+                parts = line.split(" ", 3)
+                if len(parts) >= 3:
+                    family = parts[2]
+                    head = heads.setdefault(family, [])
+                    if line not in head:
+                        head.append(line)
+                    samples.setdefault(family, {})
+                continue
+            series, _, raw = line.rpartition(" ")
+            if not series:
+                continue
+            value = float(raw)
+            seen = samples.setdefault(family, {})
+            if series not in seen:
+                seen[series] = value
+            elif family in POD_MIN:
+                seen[series] = min(seen[series], value)
+            elif family in POD_MAX or family.endswith("_info"):
+                seen[series] = max(seen[series], value)
+            else:
+                seen[series] += value
+    out: list[str] = []
+    for family, head in heads.items():
+        out.extend(head)
+        for series, value in samples[family].items():
+            out.append(f"{series} {floatToGoString(value)}")  # type: ignore[no-untyped-call]
+    return "\n".join(out) + "\n" if out else ""

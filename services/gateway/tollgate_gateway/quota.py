@@ -17,16 +17,21 @@ real usage recorded.
 Windows: tokens per day are counted per UTC day (a request counts on the day it ends; the
 quota resets at 00:00 UTC). Requests and tokens per minute use a sliding window estimated
 from two fixed one-minute windows (the previous one weighted by how much of it still
-overlaps the last 60 s). Concurrent requests are counted per replica.
+overlaps the last 60 s). Concurrent requests, and the tokens they reserved, are counted
+per replica: its workers share them (`podshare.KeyCounts`).
 
 Over-admission bound: a replica sees other replicas' usage at most one flush interval
 late. Far from a limit that does not matter; within `exact_margin` of one (20 % by
 default), and when replicas share the store, each admission is confirmed against the
 store: its counts go there in one atomic flush that returns the global totals, and the
-limits are checked again on those. So past a limit, what other replicas admit unseen is
-only what they have in flight (their reservations are local) plus what races within one
-round trip to the store, and what the admitted requests use beyond their reservation (a
-request without `max_tokens` reserves `QUOTA_DEFAULT_RESERVE_TOKENS` a sequence). A store
+limits are checked again on those. "Near" counts the other replicas' unflushed share as
+this replica's own times their number, so each comes near after about
+limit * (1 - margin) / replicas of its own. So past a limit, what other replicas admit
+unseen is what they admitted before they came near (at most that share each), what they
+have in flight (their reservations are local), what races within one round trip to the
+store, and what the admitted requests use beyond their reservation (a request without
+`max_tokens` reserves `QUOTA_DEFAULT_RESERVE_TOKENS` a sequence). The workers of one pod
+are replicas here (they share in-flight counts and reservations, `podshare.KeyCounts`). A store
 outage stops the sharing: replicas then admit on their last known totals (fail-open, the
 default) or refuse with 503 (`QUOTA_FAIL_CLOSED=true`); deltas stay buffered and are all
 flushed when the store returns. A killed process (SIGKILL) loses at most one flush
@@ -48,6 +53,7 @@ from tollgate_contract.usage import Usage
 from tollgate_gateway import errors
 from tollgate_gateway.errors import Refusal
 from tollgate_gateway.keys import ApiKey
+from tollgate_gateway.podshare import KeyCounts, PodLock
 from tollgate_gateway.stores import Batch, DayWindow, MinuteWindow, QuotaStore
 
 log = logging.getLogger("tollgate.quota")
@@ -76,7 +82,11 @@ class QuotaLedger:
         fail_closed: bool = False,
         clock: Callable[[], float] = time.time,
         exact_margin: float = 0.2,
+        counts: KeyCounts | None = None,
+        workers: int = 1,
     ) -> None:
+        """`workers`: the processes of this replica's pod, each a ledger of its own: at
+        least that many flush to the store, before it has said so."""
         self.store = store
         self.flush_interval = flush_interval
         self.fail_closed = fail_closed
@@ -90,8 +100,8 @@ class QuotaLedger:
         self._global_minutes: dict[MinuteWindow, Usage] = {}
         self._pending = Batch(self.replica_id, 0)
         self._sending: Batch | None = None
-        self._reserved: dict[str, int] = {}
-        self._inflight: dict[str, int] = {}
+        # Requests in flight and their reservations, per key, over the replica's workers.
+        self._counts = counts or KeyCounts(PodLock(1), 1)
         self._active: dict[str, float] = {}
         self._exact_until: dict[str, float] = {}
         self._flush_lock = asyncio.Lock()
@@ -100,8 +110,9 @@ class QuotaLedger:
         self._day_number = -1
         self._day_text = ""
         self.store_ok = True
-        # Replicas flushing to the store, as it last said (for the near-limit estimate).
-        self.replicas = 1
+        # Ledgers flushing to the store, as it last said (for the near-limit estimate).
+        self._workers = workers
+        self.replicas = workers
         self.flush_errors = 0
         self.last_flush_at = 0.0
         # Called with each successful flush's duration (the metrics histogram).
@@ -159,27 +170,33 @@ class QuotaLedger:
                 reason="quota_store",
             )
         day, minute = self._day(now), int(now // 60)
-        inflight = self._inflight.get(name, 0)
+        reserve = prompt_tokens + completion_tokens
+        limit = key.policy.max_concurrent_requests if key.policy is not None else None
+        reserved = self._counts.enter(name, limit, reserve)
+        if reserved is None and limit is None:
+            raise Refusal(
+                errors.OVERLOADED, "Too many keys in flight on this gateway.", 1, reason="overload"
+            )
+        if reserved is None:
+            raise Refusal(
+                errors.RATE_LIMITED,
+                f"Too many concurrent requests for this key (limit {limit}).",
+                1,
+                reason="concurrency",
+            )
         near = False
         if key.policy is not None:
-            limit = key.policy.max_concurrent_requests
-            if limit is not None and inflight >= limit:
-                raise Refusal(
-                    errors.RATE_LIMITED,
-                    f"Too many concurrent requests for this key (limit {limit}).",
-                    1,
-                    reason="concurrency",
-                )
-            near = self._check(key, now, day, minute, 1, max(1, completion_tokens))
+            try:
+                near = self._check(key, now, day, minute, 1, max(1, completion_tokens), reserved)
+            except Refusal:
+                self._counts.leave(name, reserve)
+                raise
         # Once near a limit, a key stays on confirmed admissions for a minute: another
         # replica's unflushed admissions are exactly what the local view cannot see.
         if near:
             self._exact_until[name] = now + 60
         elif self._exact_until.get(name, 0.0) > now:
             near = True
-        reserve = prompt_tokens + completion_tokens
-        self._reserved[name] = self._reserved.get(name, 0) + reserve
-        self._inflight[name] = inflight + 1
         self._pending_day(name, day).requests += 1
         self._pending_minute(name, minute).requests += 1
         confirm = near and self.exact_margin > 0 and self.store.shared and self.store_ok
@@ -194,7 +211,8 @@ class QuotaLedger:
         if not await self.flush():
             return  # the store is down: the local view decides (fail-open)
         try:
-            self._check(key, self._clock(), admission.day, admission.minute, 0, 0)
+            reserved = self._counts.reserved(key.name)
+            self._check(key, self._clock(), admission.day, admission.minute, 0, 0, reserved)
         except Refusal:
             # Not admitted after all: not a request (its reservation is released when the
             # request is settled, as every request's is).
@@ -203,15 +221,22 @@ class QuotaLedger:
             raise
 
     def _check(
-        self, key: ApiKey, now: float, day: str, minute: int, requests: int, tokens: int
+        self,
+        key: ApiKey,
+        now: float,
+        day: str,
+        minute: int,
+        requests: int,
+        tokens: int,
+        reserved: int,
     ) -> bool:
         """Raise the `Refusal` of the first limit that `requests` more requests and
-        `tokens` more tokens (on top of what is counted and reserved) would break;
-        else whether the key is within `exact_margin` of a limit."""
+        `tokens` more tokens (on top of what is counted, and `reserved` by the other
+        requests in flight) would break; else whether the key is within `exact_margin` of
+        a limit."""
         policy = key.policy
         assert policy is not None
         name = key.name
-        reserved = self._reserved.get(name, 0)
         # What the other replicas may have counted since their last flush, guessed from
         # this replica's own unflushed share (they see similar traffic).
         others = self.replicas - 1
@@ -266,12 +291,7 @@ class QuotaLedger:
     def settle(self, admission: Admission, usage: Usage | None) -> None:
         """Release the reservation and record the real usage (none if the request failed)."""
         name = admission.key
-        reserved = self._reserved[name] - admission.reserved
-        inflight = self._inflight[name] - 1
-        if inflight:
-            self._reserved[name], self._inflight[name] = reserved, inflight
-        else:
-            del self._reserved[name], self._inflight[name]
+        self._counts.leave(name, admission.reserved)
         if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
             now = self._clock()
             day = self._pending_day(name, self._day(now))
@@ -319,7 +339,7 @@ class QuotaLedger:
             self.last_flush_at = now
             self._global_days.update(totals.days)
             self._global_minutes.update(totals.minutes)
-            self.replicas = totals.replicas
+            self.replicas = max(self._workers, totals.replicas)
             self._sending = None
             if not self.store_ok:
                 log.info(

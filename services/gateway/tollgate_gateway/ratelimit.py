@@ -3,8 +3,8 @@
 GCRA keeps one number per client, its theoretical arrival time: a request is allowed when
 that time is at most `burst - 1` emission intervals ahead of now, and moves it one
 interval further. Exact for any burst, O(1), no timers. It protects each replica, so it
-is local by design. Clients idle long enough to be back at a full burst are dropped from
-the table on a sweep.
+is local by design; the workers of one replica share it (`podshare.RateTable`), whose
+fixed table forgets a client once it is back at a full burst.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import ipaddress
 import time
 from collections.abc import Callable, Iterable
 
-# How often the table is swept of clients back at a full burst.
-SWEEP_SECONDS = 10
+from tollgate_gateway.podshare import RateTable
 
 
 class Gcra:
@@ -24,36 +23,37 @@ class Gcra:
     reading in microseconds is exact below 9e9 s (2**53 µs), and cheap."""
 
     def __init__(
-        self, rate_per_second: float, burst: int, clock: Callable[[], float] = time.monotonic
+        self,
+        rate_per_second: float,
+        burst: int,
+        table: RateTable,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock` must read the same in every worker sharing `table` (monotonic does)."""
         self._interval = max(1, round(1e6 / rate_per_second))
         self._tolerance = self._interval * (max(1, burst) - 1)
+        self._table = table
         self._clock = clock
-        self._tat: dict[str, int] = {}
-        self._next_sweep = 0
 
     @property
     def clients(self) -> int:
-        """Clients in the table: those not yet back at a full burst, and the idle ones
-        the next sweep drops."""
-        return len(self._tat)
+        """Clients not yet back at a full burst."""
+        return self._table.clients(self._now())
+
+    def _now(self) -> int:
+        return round(self._clock() * 1e6)
 
     def check(self, client: str) -> float:
         """0 if allowed (and counted), else the seconds until the client may retry."""
-        now = round(self._clock() * 1e6)
-        tat = self._tat.get(client, now)
-        if tat < now:
-            tat = now
-        if tat - now > self._tolerance:
-            return (tat - self._tolerance - now) / 1e6
-        self._tat[client] = tat + self._interval
-        if now >= self._next_sweep:
-            self._sweep(now)
+        now = self._now()
+        table = self._table
+        with table.lock.held():
+            slot = table.slot(client, now)
+            tat = max(table.tat(slot), now)
+            if tat - now > self._tolerance:
+                return (tat - self._tolerance - now) / 1e6
+            table.set_tat(slot, tat + self._interval)
         return 0.0
-
-    def _sweep(self, now: int) -> None:
-        self._tat = {c: t for c, t in self._tat.items() if t > now}
-        self._next_sweep = now + SWEEP_SECONDS * 1_000_000
 
 
 class ClientAddress:

@@ -9,10 +9,13 @@ once at start; a bad value stops the process with one line per problem.
 from __future__ import annotations
 
 import ipaddress
+import math
+import os
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AnyHttpUrl, Field, ValidationError, field_validator
+from pydantic import AnyHttpUrl, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Seconds = Annotated[float, Field(gt=0)]
@@ -43,6 +46,10 @@ class Settings(BaseSettings):
     # Where /metrics is served: its own port (the client-facing one then has none), or,
     # unset, beside the API. Per-key labels are for operators, not clients.
     gateway_metrics_port: int | None = Field(None, ge=0, le=65535)
+    # Worker processes sharing the client port: a number, or `auto` for the CPUs this
+    # container may use. They share one view of the per-IP and per-key limits; more than
+    # one needs GATEWAY_METRICS_PORT, where the pod's metrics are served for all of them.
+    gateway_workers: int = Field(1, ge=1, le=64)
     # Request headers passed to the upstream besides the ones it needs (content type,
     # request id, trace context): comma-separated names, a trailing `*` matches a prefix.
     # Nothing else a client sends reaches vLLM: no credentials, cookies or addresses.
@@ -141,6 +148,20 @@ class Settings(BaseSettings):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
+    @field_validator("gateway_workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        return available_cpus() if value == "auto" else value
+
+    @model_validator(mode="after")
+    def _workers_need_metrics_port(self) -> Settings:
+        if self.gateway_workers > 1 and self.gateway_metrics_port is None:
+            raise ValueError(
+                f"GATEWAY_WORKERS={self.gateway_workers} needs GATEWAY_METRICS_PORT: the"
+                " metrics of all the workers are served there"
+            )
+        return self
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -177,6 +198,19 @@ class Settings(BaseSettings):
         return [str(url).rstrip("/") for url in urls]
 
 
+def available_cpus() -> int:
+    """The CPUs this process may use: its affinity, and a cgroup v2 CPU quota (how a
+    container's CPU limit arrives), whichever is smaller."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return cpus
+    if quota == "max":
+        return cpus
+    return max(1, min(cpus, math.ceil(int(quota) / int(period))))
+
+
 # Values never echoed in an error message: they are secrets.
 _SECRETS = {"GATEWAY_API_KEYS", "VLLM_API_KEY", "DATABASE_URL"}
 
@@ -191,8 +225,12 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
-            name = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+            message = error["msg"].removeprefix("Value error, ")
+            name = "_".join(str(part) for part in error["loc"]).upper()
+            if not name:  # a rule across variables: its message names them
+                lines.append(message)
+                continue
             secret = any(name.startswith(s) for s in _SECRETS)
             shown = "" if secret else f" (got {error.get('input')!r})"
-            lines.append(f"{name}: {error['msg']}{shown}")
+            lines.append(f"{name}: {message}{shown}")
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -1,7 +1,7 @@
 """Quota stores: where usage counters live, shared by every replica.
 
-One interface, two implementations: SQLite (the embedded default, one process) and
-Postgres (several replicas). The gateway never waits on a store per request: it keeps
+One interface, two implementations: SQLite (the embedded default, one pod's processes)
+and Postgres (several replicas). The gateway never waits on a store per request: it keeps
 local counters and calls `flush` on a timer with the deltas since the last flush; the
 store adds them atomically and answers with the global totals of the windows the replica
 tracks, which the next admissions use.
@@ -59,13 +59,14 @@ class QuotaStore(Protocol):
     async def close(self) -> None: ...
 
 
-def open_store(url: str, schema: str = "public") -> QuotaStore:
+def open_store(url: str, schema: str = "public", workers: int = 1) -> QuotaStore:
     """The store a `DATABASE_URL` names: `sqlite:///relative.db`, `sqlite:////abs.db`
-    (SQLAlchemy's convention), or `postgresql://…`."""
+    (SQLAlchemy's convention), or `postgresql://…`. A SQLite file is shared when the
+    pod's `workers` all write to it."""
     if url.startswith("sqlite:///"):
         from tollgate_gateway.stores.sqlite import SqliteStore
 
-        return SqliteStore(url.removeprefix("sqlite:///"))
+        return SqliteStore(url.removeprefix("sqlite:///"), shared=workers > 1)
     if url.startswith(("postgres://", "postgresql://")):
         from tollgate_gateway.stores.postgres import PostgresStore
 

@@ -1,4 +1,4 @@
-"""The embedded quota store: one SQLite file, for a single gateway process.
+"""The embedded quota store: one SQLite file, for the worker processes of one gateway pod.
 
 sqlite3 is blocking, so every call runs in one worker thread (`asyncio.to_thread` behind a
 lock); that is fine because the store is only touched by the flush timer and `/v1/usage`,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -39,6 +40,8 @@ CREATE TABLE IF NOT EXISTS tollgate_flushes (
     seq INTEGER NOT NULL
 );
 """
+# Files made before the workers shared them have no flush times.
+_FLUSH_TIMES = "ALTER TABLE tollgate_flushes ADD COLUMN updated_at REAL NOT NULL DEFAULT 0"
 
 _DAY_UPSERT = """
 INSERT INTO tollgate_usage (key_name, day, prompt_tokens, completion_tokens, requests)
@@ -56,10 +59,14 @@ ON CONFLICT (key_name, minute) DO UPDATE SET
 
 
 class SqliteStore:
-    shared = False
+    # A worker that flushed within this long counts as another replica (postgres.py's).
+    active_seconds = 30.0
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, shared: bool = False) -> None:
+        """`shared`: the workers of one pod flush to this file too (each flush is one
+        `BEGIN IMMEDIATE` transaction, so they take turns)."""
         self.path = path
+        self.shared = shared
         self._db: sqlite3.Connection | None = None
         self._lock = asyncio.Lock()
 
@@ -74,6 +81,9 @@ class SqliteStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(tollgate_flushes)")}
+            if "updated_at" not in columns:
+                db.execute(_FLUSH_TIMES)
             return db
 
         self._db = await asyncio.to_thread(connect)
@@ -87,10 +97,12 @@ class SqliteStore:
                 row = db.execute(
                     "SELECT seq FROM tollgate_flushes WHERE replica_id = ?", (batch.replica_id,)
                 ).fetchone()
+                now = time.time()
                 if row is None or row[0] < batch.seq:
                     db.execute(
-                        "INSERT OR REPLACE INTO tollgate_flushes (replica_id, seq) VALUES (?, ?)",
-                        (batch.replica_id, batch.seq),
+                        "INSERT OR REPLACE INTO tollgate_flushes (replica_id, seq, updated_at)"
+                        " VALUES (?, ?, ?)",
+                        (batch.replica_id, batch.seq, now),
                     )
                     db.executemany(
                         _DAY_UPSERT,
@@ -103,7 +115,12 @@ class SqliteStore:
                         _MINUTE_UPSERT,
                         [(k, m, c.tokens, c.requests) for (k, m), c in batch.minutes.items()],
                     )
-                totals = Totals()
+                (others,) = db.execute(
+                    "SELECT count(*) FROM tollgate_flushes WHERE replica_id <> ?"
+                    " AND updated_at > ?",
+                    (batch.replica_id, now - self.active_seconds),
+                ).fetchone()
+                totals = Totals(replicas=1 + others)
                 for day_window in {*batch.days, *read_days}:
                     totals.days[day_window] = _read_day(db, *day_window)
                 for minute_window in {*batch.minutes, *read_minutes}:

@@ -147,9 +147,28 @@ def nginx_process(sim_port: int) -> Iterator[tuple[str, psutil.Process] | None]:
             proc.wait(10)
 
 
+def _tree(proc: psutil.Process) -> list[psutil.Process]:
+    """The process and its children: a gateway's supervisor and workers."""
+    return [proc, *proc.children(recursive=True)]
+
+
 def cpu_seconds(proc: psutil.Process) -> float:
-    times = proc.cpu_times()
-    return times.user + times.system
+    total = 0.0
+    for member in _tree(proc):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = member.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def rss_mib(proc: psutil.Process) -> float:
+    """Resident memory of the process tree; with workers, the pages they share (forked
+    from one supervisor) are counted once (USS summed, plus the supervisor's shared)."""
+    members = _tree(proc)
+    if len(members) == 1:
+        return proc.memory_info().rss / 2**20
+    full = [m.memory_full_info() for m in members]
+    return (sum(f.uss for f in full) + full[0].shared) / 2**20
 
 
 @dataclass
@@ -224,7 +243,7 @@ def measure(
         overheads=overheads,
         cpu_target=(cpu_seconds(target) - cpu_t) / total * 1000,
         cpu_sim=(cpu_seconds(sim) - cpu_s) / total * 1000,
-        rss_mb=target.memory_info().rss / 2**20,
+        rss_mb=rss_mib(target),
     )
 
 
@@ -235,6 +254,9 @@ def main() -> None:
         "--gateway-cmd",
         default=str(BIN / "tollgate-gateway"),
         help="command that starts the gateway (to measure variants)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="GATEWAY_WORKERS (CPU and RSS: all of them)"
     )
     args = parser.parse_args()
     scale = 0.2 if args.quick else 1.0
@@ -253,6 +275,8 @@ def main() -> None:
         # The per-IP limit stays on (checked on every request) but above what one load
         # generator on one address sends.
         "GATEWAY_IP_RATE_PER_SECOND": "1000000",
+        "GATEWAY_WORKERS": str(args.workers),
+        "GATEWAY_METRICS_PORT": str(free_port()),
     }
     wait_http(f"http://127.0.0.1:{sim_port}/health")
     started = time.monotonic()
@@ -266,8 +290,11 @@ def main() -> None:
         ready_s = time.monotonic() - started
         gw_proc, sim_proc = psutil.Process(gateway.pid), psutil.Process(sim.pid)
         time.sleep(0.5)
-        idle_rss = gw_proc.memory_info().rss / 2**20
-        print(f"gateway: start -> /ready {ready_s:.2f} s, idle RSS {idle_rss:.1f} MiB")
+        idle_rss = rss_mib(gw_proc)
+        print(
+            f"gateway ({args.workers} worker{'s' if args.workers > 1 else ''}):"
+            f" start -> /ready {ready_s:.2f} s, idle RSS {idle_rss:.1f} MiB"
+        )
         print(f"cpu: {psutil.cpu_count()} cores, python {sys.version.split()[0]}\n")
         header = (
             f"{'workload':<24}{'path':<9}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}"

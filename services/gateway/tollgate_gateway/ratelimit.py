@@ -45,9 +45,11 @@ class Gcra:
 
     def check(self, client: str) -> float:
         """0 if allowed (and counted), else the seconds until the client may retry."""
-        now = self._now()
         table = self._table
         with table.lock.held():
+            # Read inside the lock: a worker descheduled between reading the clock and
+            # taking the lock would judge by a time other workers have already passed.
+            now = self._now()
             slot = table.slot(client, now)
             tat = max(table.tat(slot), now)
             if tat - now > self._tolerance:

@@ -1,8 +1,9 @@
 """The gateway as one ASGI application: the parts, wired together.
 
 `Gateway` builds each part from the settings and hands every part what it needs, nothing
-more; no module imports this one. The two completion routes go straight to the raw proxy;
-everything else (health, readiness, models, usage, FastAPI's lifespan) goes to FastAPI.
+more; no module imports this one. The proxied routes (`endpoints.py`) go straight to the
+raw proxy, the probes and the lifespan are answered raw too, and everything else (models,
+usage, unknown paths) goes to FastAPI, loaded on the first such request.
 """
 
 from __future__ import annotations
@@ -10,16 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from time import perf_counter
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI
-
 from tollgate_gateway import endpoints, errors
 from tollgate_gateway.asgi import Receive, Scope, Send, request_id_for, send_refusal
-from tollgate_gateway.config_secret import SecretWatcher
 from tollgate_gateway.config_watch import ConfigWatcher, CurrentConfig, env_policy
 from tollgate_gateway.errors import Refusal
 from tollgate_gateway.keys import KeyRing, env_keys
@@ -29,16 +25,18 @@ from tollgate_gateway.metrics import GatewayMetrics, StateCollector
 from tollgate_gateway.metrics_server import MetricsServer
 from tollgate_gateway.models import ModelRoutes
 from tollgate_gateway.podshare import PodShare
+from tollgate_gateway.probes import Probes
 from tollgate_gateway.proxy import NEVER_FORWARDED, Proxy, ProxySettings
 from tollgate_gateway.quota import QuotaLedger
 from tollgate_gateway.ratelimit import ClientAddress, Gcra
 from tollgate_gateway.record import RequestRecord
-from tollgate_gateway.routes import build_api
 from tollgate_gateway.settings import Settings
 from tollgate_gateway.stores import open_store
 from tollgate_gateway.upstream import UpstreamPool
 
-if TYPE_CHECKING:  # OpenTelemetry is imported only when tracing is on
+if TYPE_CHECKING:  # imported only when the configuration uses them
+    from tollgate_gateway.asgi import ASGIApp
+    from tollgate_gateway.config_secret import SecretWatcher
     from tollgate_gateway.tracing import Tracing
 
 log = logging.getLogger("tollgate.gateway")
@@ -65,17 +63,17 @@ class Gateway:
             self._use_keys,
             settings.gateway_config_poll_seconds,
         )
-        self.config_secret = (
-            SecretWatcher(
+        self.config_secret: SecretWatcher | None = None
+        if settings.gateway_config_secret:
+            from tollgate_gateway.config_secret import SecretWatcher
+
+            self.config_secret = SecretWatcher(
                 settings.gateway_config_secret,
                 self.config,
                 settings.gateway_kube_api_url,
                 settings.gateway_kube_token_file,
                 settings.gateway_kube_ca_file,
             )
-            if settings.gateway_config_secret
-            else None
-        )
         self.quota = QuotaLedger(
             open_store(settings.database_url, settings.quota_db_schema, settings.gateway_workers),
             settings.quota_flush_interval_seconds,
@@ -111,15 +109,10 @@ class Gateway:
             self.settle,
         )
         metrics_here = settings.gateway_metrics_port is None and metrics_socket is None
-        self.api = build_api(
-            self._lifespan,
-            self.current,
-            self.pool,
-            self.quota,
-            self.lifecycle,
-            settings.served_model_name,
-            self.metrics.render if metrics_here else None,
+        self.probes = Probes(
+            self.lifecycle, self.pool, self.metrics.render if metrics_here else None
         )
+        self._side_api: asyncio.Future[ASGIApp] | None = None
         self.metrics_server = (
             None
             if metrics_here
@@ -135,16 +128,38 @@ class Gateway:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            endpoint, known = endpoints.match(scope["method"], scope["path"])
+            method, path = scope["method"], scope["path"]
+            endpoint, known = endpoints.match(method, path)
             if endpoint is not None:
                 await self.proxy.handle(scope, receive, send, endpoint)
                 return
-            if known:
-                refusal = Refusal(errors.METHOD_NOT_ALLOWED, "Method not allowed on this route.")
+            if known or path in self.probes.paths:
                 presented = dict(scope["headers"]).get(b"x-request-id")
-                await send_refusal(send, refusal, request_id_for(presented))
+                request_id = request_id_for(presented)
+                if method in ("GET", "HEAD") and not known:
+                    await self.probes.answer(path, send, request_id)
+                    return
+                refusal = Refusal(errors.METHOD_NOT_ALLOWED, "Method not allowed on this route.")
+                await send_refusal(send, refusal, request_id)
                 return
-        await self.api(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        await (await self.side_api())(scope, receive, send)
+
+    async def side_api(self) -> ASGIApp:
+        """The FastAPI routes, built on first use in a thread: importing FastAPI takes
+        about 0.4 s of CPU, which would stall every request in flight on the loop."""
+        if self._side_api is None:
+            self._side_api = asyncio.ensure_future(asyncio.to_thread(self._build_side_api))
+        return await asyncio.shield(self._side_api)
+
+    def _build_side_api(self) -> ASGIApp:
+        from tollgate_gateway.routes import build_api
+
+        return build_api(
+            self.current, self.pool, self.quota, self.lifecycle, self.settings.served_model_name
+        )
 
     def settle(self, record: RequestRecord) -> None:
         """Step 8 of every request, whatever happened to it: quota, trace, metrics, log."""
@@ -169,13 +184,22 @@ class Gateway:
         known.update(self.current.models.names())
         self.metrics.set_known_models(known)
 
-    @asynccontextmanager
-    async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
-        await self.startup()
-        try:
-            yield
-        finally:
-            await self.shutdown()
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """ASGI's lifespan protocol: start at uvicorn's start, drain and stop at its end."""
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("start-up failed", extra={"event": "startup_failed"})
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     async def startup(self) -> None:
         if self.metrics_server is not None:

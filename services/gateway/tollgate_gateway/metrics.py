@@ -40,7 +40,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from tollgate_gateway import __version__
+from tollgate_gateway import version
 
 if TYPE_CHECKING:
     from tollgate_gateway.config_watch import ConfigWatcher, CurrentConfig
@@ -249,7 +249,7 @@ class StateCollector(Collector):
 
     def collect(self) -> Iterable[Any]:
         info = InfoMetricFamily("tollgate_build", "Version of the running gateway.")
-        info.add_metric([], {"version": __version__, "python": platform.python_version()})
+        info.add_metric([], {"version": version(), "python": platform.python_version()})
         yield info
         yield GaugeMetricFamily(
             "tollgate_requests_in_flight",

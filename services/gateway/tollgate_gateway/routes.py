@@ -1,15 +1,16 @@
-"""The endpoints off the hot path, on FastAPI: health, readiness, models, usage, metrics.
+"""The endpoints off the hot path, on FastAPI: models and usage (and FastAPI's 404s).
 
-Every error here (a `Refusal`, and FastAPI's own 404/405/422) is rendered by the one
-renderer the proxy uses (`errors.response_parts`), so all routes answer alike; every
-response carries `x-request-id`.
+This module is imported on the first request that needs it, in a thread, so FastAPI
+costs neither start-up time nor memory until then (`app.Gateway.side_api`); the probes
+are raw (`probes.py`). Every error here (a `Refusal`, and FastAPI's own 404/405/422) is
+rendered by the one renderer the proxy uses (`errors.response_parts`), so all routes
+answer alike; every response carries `x-request-id`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,7 +23,6 @@ from tollgate_gateway.config_watch import CurrentConfig
 from tollgate_gateway.errors import Refusal, response_parts
 from tollgate_gateway.keys import ApiKey
 from tollgate_gateway.lifecycle import Lifecycle
-from tollgate_gateway.metrics import CONTENT_TYPE
 from tollgate_gateway.quota import QuotaLedger
 from tollgate_gateway.upstream import UpstreamPool
 
@@ -35,18 +35,13 @@ def refusal_response(refusal: Refusal, request_id: str = "") -> Response:
 
 
 def build_api(
-    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
     current: CurrentConfig,
     pool: UpstreamPool,
     quota: QuotaLedger,
     lifecycle: Lifecycle,
     served_model_name: str | None,
-    render_metrics: Callable[[], bytes] | None,
 ) -> FastAPI:
-    """`render_metrics` None: metrics are served on their own port, not here."""
-    api = FastAPI(
-        title="tollgate", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
-    )
+    api = FastAPI(title="tollgate", docs_url=None, redoc_url=None, openapi_url=None)
 
     @api.middleware("http")
     async def request_id(
@@ -85,27 +80,6 @@ def build_api(
     def card(name: str) -> dict[str, object]:
         created = lifecycle.started_at
         return {"id": name, "object": "model", "created": created, "owned_by": "tollgate"}
-
-    @api.get("/health")
-    async def health() -> dict[str, str]:
-        """Liveness: the process serves requests."""
-        return {"status": "ok"}
-
-    @api.get("/ready")
-    async def ready() -> Response:
-        """Readiness: the gateway can answer (not draining). Upstream trouble is reported
-        here but does not fail it: clients then get a 503 that says why."""
-        if lifecycle.draining:
-            return refusal_response(Refusal(errors.NOT_READY, "Not ready: draining."))
-        return JSONResponse({"status": "ready", "upstream_problems": pool.problems()})
-
-    if render_metrics is not None:
-        metrics = render_metrics
-
-        @api.get("/metrics")
-        async def metrics_route() -> Response:
-            """Prometheus exposition; no key (scrapers are kept out by the network)."""
-            return Response(metrics(), media_type=CONTENT_TYPE)
 
     @api.get("/v1/models")
     async def models(request: Request) -> Response:

@@ -8,8 +8,9 @@ httpx's (docs/performance.md); the upstream client is most of a Python proxy's c
 pool per replica, created at first use and shared by every request. Idle connections are
 dropped after `KEEPALIVE_SECONDS`, less than uvicorn's (and so vLLM's) 5 s keep-alive
 timeout, and a request that meets a connection the upstream closed as it was written is
-sent once more on a new one. The health and model-list polls use aiohttp (off the request
-path).
+sent once more on a new one. The health and model-list polls have a client of their own
+(two connections a replica), so a replica whose request connections are all busy is
+still asked.
 
 Replicas come from `VLLM_URL` (one), `VLLM_URLS` (a list), or `VLLM_DNS_NAME` (a headless
 Service's name, re-resolved every `VLLM_DNS_REFRESH_SECONDS`: replicas join and leave
@@ -44,9 +45,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from time import perf_counter
 from typing import NamedTuple
 
-import aiohttp
-from yarl import URL
-
 from tollgate_gateway import errors, h1client
 from tollgate_gateway.breaker import CircuitBreaker, State
 from tollgate_gateway.errors import Refusal
@@ -57,7 +55,6 @@ log = logging.getLogger("tollgate.upstream")
 KEEPALIVE_SECONDS = 4.0
 # The URLs the health poll uses, built once per replica (requests go through h1client,
 # which takes a request target).
-PATHS = ("/health", "/v1/models")
 
 
 class Limits(NamedTuple):
@@ -125,7 +122,6 @@ class Upstream:
     def __init__(self, base: str, breaker: CircuitBreaker, models: Iterable[str] | None) -> None:
         self.base = base
         self.name = base.split("://", 1)[-1]  # host:port, the metrics label
-        self.url = {path: URL(base + path, encoded=True) for path in PATHS}
         self.breaker = breaker
         self.healthy = False
         self.inflight = 0
@@ -243,10 +239,10 @@ class UpstreamPool:
             limit=settings.upstream_max_connections, keepalive=KEEPALIVE_SECONDS
         )
         self._health_interval = settings.upstream_health_interval_seconds
-        self._health_timeout = aiohttp.ClientTimeout(total=min(2.0, self._health_interval))
+        self._health_timeout = min(2.0, self._health_interval)
+        self._health_client = h1client.Client(limit=2, keepalive=KEEPALIVE_SECONDS)
         self._on_models = on_models
         self._resolver = resolver
-        self.session: aiohttp.ClientSession | None = None
         self.upstreams: list[Upstream] = []
         self.dns_refreshes = {"ok": 0, "failed": 0}
         self.retries = 0
@@ -266,9 +262,6 @@ class UpstreamPool:
     # Lifecycle
 
     async def start(self) -> None:
-        # For the health and model-list polls only (requests go through h1client).
-        connector = aiohttp.TCPConnector(limit=64, keepalive_timeout=KEEPALIVE_SECONDS)
-        self.session = aiohttp.ClientSession(connector=connector)
         if self.settings.vllm_dns_name:
             await self.refresh_dns()
             self._tasks.append(asyncio.create_task(self._refresh_dns_forever(), name="dns"))
@@ -280,8 +273,7 @@ class UpstreamPool:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self.session is not None:
-            await self.session.close()
+        await self._health_client.close()
         await self.client.close()
 
     def attempt(self, upstream: Upstream) -> Attempt:
@@ -397,12 +389,22 @@ class UpstreamPool:
     async def check_health(self) -> None:
         await asyncio.gather(*(self._check(u) for u in list(self.upstreams)))
 
+    async def _get(self, upstream: Upstream, path: str) -> tuple[int, bytes]:
+        """A poll's GET: status and body, within the health timeout."""
+        pool = self._health_client.pool(upstream.base)
+        headers = {"authorization": self.authorization} if self.authorization else {}
+        async with asyncio.timeout(self._health_timeout):
+            response = await pool.request(pool.head("GET", path, headers, None))
+            try:
+                return response.status, await response.read()
+            finally:
+                response.release()
+
     async def _check(self, upstream: Upstream) -> None:
-        assert self.session is not None
         try:
-            async with self.session.get(upstream.url["/health"], timeout=self._health_timeout) as r:
-                healthy = r.status == 200
-        except (aiohttp.ClientError, TimeoutError):
+            status, _ = await self._get(upstream, "/health")
+            healthy = status == 200
+        except (h1client.H1Error, OSError, TimeoutError):
             healthy = False
         if healthy and (not upstream.healthy or upstream.models is None):
             await self._read_models(upstream)
@@ -419,17 +421,14 @@ class UpstreamPool:
     async def _read_models(self, upstream: Upstream) -> None:
         if upstream.configured_models:
             return
-        assert self.session is not None
-        headers = {"authorization": self.authorization} if self.authorization else {}
         try:
-            async with self.session.get(
-                upstream.url["/v1/models"], headers=headers, timeout=self._health_timeout
-            ) as r:
-                listed = json.loads(await r.read())["data"] if r.status == 200 else None
-            if listed is None:
+            status, body = await self._get(upstream, "/v1/models")
+            if status != 200:
                 return
+            listed = json.loads(body)["data"]
             models = frozenset(m["id"] for m in listed if isinstance(m.get("id"), str))
-        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError):
+        except (h1client.H1Error, OSError, TimeoutError, ValueError, KeyError, TypeError,
+                AttributeError):  # fmt: skip
             return
         if models != upstream.models:
             upstream.models = models

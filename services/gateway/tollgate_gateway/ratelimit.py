@@ -46,7 +46,7 @@ class Gcra:
     def check(self, client: str) -> float:
         """0 if allowed (and counted), else the seconds until the client may retry."""
         table = self._table
-        with table.lock.held():
+        with table.lock:
             # Read inside the lock: a worker descheduled between reading the clock and
             # taking the lock would judge by a time other workers have already passed.
             now = self._now()

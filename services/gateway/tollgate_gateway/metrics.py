@@ -64,12 +64,16 @@ POD_MIN = frozenset(
         "process_start_time_seconds",
     }
 )
-# Gauges whose pod value is the highest: a state any worker is in, a count they all see.
+# Gauges whose pod value is the highest: a state any worker is in, a count they all see
+# (each worker reads the same replica's vLLM metrics).
 POD_MAX = frozenset(
     {
         "tollgate_circuit_breaker_state",
         "tollgate_draining",
         "tollgate_config_keys",
+        "tollgate_upstream_vllm_requests_running",
+        "tollgate_upstream_vllm_requests_waiting",
+        "tollgate_upstream_vllm_kv_cache_usage",
         "process_max_fds",
     }
 )
@@ -280,7 +284,22 @@ class StateCollector(Collector):
             "Circuit breaker state changes, per replica.",
             labels=["upstream", "from_state", "to_state"],
         )
+        vllm = {
+            field: GaugeMetricFamily(
+                f"tollgate_upstream_vllm_{name}",
+                f"{text} at the last read of the replica's vLLM /metrics (GATEWAY_ROUTING=vllm).",
+                labels=["upstream"],
+            )
+            for field, name, text in (
+                ("running", "requests_running", "Requests running"),
+                ("waiting", "requests_waiting", "Requests waiting"),
+                ("kv_usage", "kv_cache_usage", "KV-cache use (0 to 1)"),
+            )
+        }
         for u in upstreams:
+            if u.load is not None:
+                for field, family in vllm.items():
+                    family.add_metric([u.name], getattr(u.load, field))
             up.add_metric([u.name], 1 if u.healthy else 0)
             inflight.add_metric([u.name], u.inflight)
             sent.add_metric([u.name], u.requests)
@@ -289,7 +308,7 @@ class StateCollector(Collector):
                 state.add_metric([u.name, name], 1 if name == current else 0)
             for (old, new), count in u.breaker.transitions.items():
                 transitions.add_metric([u.name, old, new], count)
-        yield from (up, inflight, sent, state, transitions)
+        yield from (up, inflight, sent, state, transitions, *vllm.values())
         yield CounterMetricFamily(
             "tollgate_upstream_retries",
             "Requests sent again to another replica after failing before any response byte.",

@@ -264,13 +264,13 @@ class Proxy:
             home = self._response_homes.get(endpoints.response_id(path))
             if home is not None and home.available() and home.breaker.allow():
                 return home
-        upstream = self.pool.pick(out.model, affinity)
+        upstream = self.pool.pick(out.model, affinity, body=out.body)
         if upstream is not None:
             return upstream
         fallback = self.current.models.fallback(record.model)
         if fallback is not None and out.endpoint.body is Body.JSON:
             name = self.current.models.upstream(fallback) or fallback
-            upstream = self.pool.pick(name, affinity)
+            upstream = self.pool.pick(name, affinity, body=out.body)
             if upstream is not None:
                 record.fallback = fallback
                 send_as(out, name)
@@ -349,7 +349,7 @@ class Proxy:
             watcher.cancel()
 
     def _other(self, out: Outgoing, failed: Upstream, affinity: str | None) -> Upstream | None:
-        other = self.pool.pick(out.model, affinity, exclude=failed)
+        other = self.pool.pick(out.model, affinity, exclude=failed, body=out.body)
         if other is not None:
             self.pool.retries += 1
         return other

@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     # Session affinity: off, `header` (GATEWAY_SESSION_HEADER) or `key` (the key's name).
     gateway_session_affinity: Literal["off", "header", "key"] = "off"
     gateway_session_header: str = "x-session-id"
+    # How a replica is chosen: `p2c` (the less loaded of two at random, by this gateway's
+    # own count) or `vllm` (every replica scored by its own vLLM /metrics, read every
+    # `scrape` seconds, and by prefix-cache affinity: routing.py), with these weights.
+    gateway_routing: Literal["p2c", "vllm"] = "p2c"
+    gateway_routing_weights: str = "queue=2,kv=2,prefix=3,lora=1"
+    gateway_routing_scrape_seconds: Seconds = 0.25
     # When set, /v1/models answers with this one model instead of asking the upstream.
     served_model_name: str | None = None
 
@@ -161,6 +167,14 @@ class Settings(BaseSettings):
                 " metrics of all the workers are served there"
             )
         return self
+
+    @field_validator("gateway_routing_weights")
+    @classmethod
+    def _weights(cls, value: str) -> str:
+        from tollgate_gateway.routing import Weights
+
+        Weights.parse(value)  # ValueError says which part is wrong
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -42,12 +42,13 @@ import logging
 import random
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from time import perf_counter
+from time import monotonic, perf_counter
 from typing import NamedTuple
 
 from tollgate_gateway import errors, h1client
 from tollgate_gateway.breaker import CircuitBreaker, State
 from tollgate_gateway.errors import Refusal
+from tollgate_gateway.routing import ReplicaLoad, Scorer, Weights, parse_load, prefix_blocks
 from tollgate_gateway.settings import Settings
 
 log = logging.getLogger("tollgate.upstream")
@@ -126,6 +127,10 @@ class Upstream:
         self.healthy = False
         self.inflight = 0
         self.requests = 0
+        # Its vLLM /metrics at the last scrape (GATEWAY_ROUTING=vllm), and this gateway's
+        # requests in flight to it then.
+        self.load: ReplicaLoad | None = None
+        self.inflight_at_load = 0
         # None: not known yet (the replica is tried for any model).
         self.models: frozenset[str] | None = frozenset(models) if models is not None else None
         self.configured_models = models is not None
@@ -240,6 +245,15 @@ class UpstreamPool:
         )
         self._health_interval = settings.upstream_health_interval_seconds
         self._health_timeout = min(2.0, self._health_interval)
+        self._scrape_interval = settings.gateway_routing_scrape_seconds
+        self.scorer = (
+            Scorer(
+                Weights.parse(settings.gateway_routing_weights),
+                stale_after=max(1.0, 4 * self._scrape_interval),
+            )
+            if settings.gateway_routing == "vllm"
+            else None
+        )
         self._health_client = h1client.Client(limit=2, keepalive=KEEPALIVE_SECONDS)
         self._on_models = on_models
         self._resolver = resolver
@@ -267,6 +281,8 @@ class UpstreamPool:
             self._tasks.append(asyncio.create_task(self._refresh_dns_forever(), name="dns"))
         await self.check_health()
         self._tasks.append(asyncio.create_task(self._poll_health(), name="upstream-health"))
+        if self.scorer is not None:
+            self._tasks.append(asyncio.create_task(self._poll_load(), name="upstream-load"))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -282,9 +298,14 @@ class UpstreamPool:
     # Choosing a replica
 
     def pick(
-        self, model: str | None, affinity: str | None = None, exclude: Upstream | None = None
+        self,
+        model: str | None,
+        affinity: str | None = None,
+        exclude: Upstream | None = None,
+        body: bytes = b"",
     ) -> Upstream | None:
-        """A replica for a request, or None if no available replica serves `model`."""
+        """A replica for a request, or None if no available replica serves `model`.
+        `body`: the request's, whose prefix the vLLM-aware scorer matches."""
         upstreams = self.upstreams
         if not upstreams:  # DNS discovery before its first answer
             return None
@@ -295,6 +316,8 @@ class UpstreamPool:
             return None
         if affinity is not None:
             return self._pick_affine(model, affinity, exclude)
+        if self.scorer is not None:
+            return self._pick_scored(self.scorer, model, exclude, body)
         # Two random choices first (O(1)); a full scan only if they were not usable.
         a, b = random.sample(upstreams, 2)
         usable_a = a is not exclude and a.available() and a.serves(model)
@@ -311,6 +334,19 @@ class UpstreamPool:
         candidates.sort(key=lambda u: (u.inflight, random.random()))
         for upstream in candidates:
             if upstream.breaker.allow():
+                return upstream
+        return None
+
+    def _pick_scored(
+        self, scorer: Scorer, model: str | None, exclude: Upstream | None, body: bytes
+    ) -> Upstream | None:
+        candidates = [
+            u for u in self.upstreams if u is not exclude and u.available() and u.serves(model)
+        ]
+        blocks = prefix_blocks(body)
+        for upstream in scorer.rank(candidates, blocks, model):
+            if upstream.breaker.allow():
+                scorer.chosen(upstream, blocks)
                 return upstream
         return None
 
@@ -433,6 +469,25 @@ class UpstreamPool:
         if models != upstream.models:
             upstream.models = models
             self._on_models()
+
+    async def _poll_load(self) -> None:
+        """Each replica's vLLM /metrics, for the scorer; a failed read leaves the last,
+        which ages out (the scorer then counts only this gateway's requests)."""
+        while True:
+            await asyncio.sleep(self._scrape_interval)
+            await asyncio.gather(*(self._read_load(u) for u in list(self.upstreams)))
+
+    async def _read_load(self, upstream: Upstream) -> None:
+        if not upstream.healthy:
+            return
+        inflight = upstream.inflight
+        try:
+            status, body = await self._get(upstream, "/metrics")
+        except (h1client.H1Error, OSError, TimeoutError):
+            return
+        if status == 200:
+            upstream.load = parse_load(body, monotonic())
+            upstream.inflight_at_load = inflight
 
     async def _poll_health(self) -> None:
         while True:

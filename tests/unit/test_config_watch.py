@@ -22,7 +22,9 @@ class Changes:
         self.rings: list[KeyRing] = []
         self.versions: list[str] = []
 
-    def __call__(self, ring: KeyRing, version: str, models: object = None) -> None:
+    def __call__(
+        self, ring: KeyRing, version: str, models: object = None, upstreams: object = None
+    ) -> None:
         self.rings.append(ring)
         self.versions.append(version)
 

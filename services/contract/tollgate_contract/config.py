@@ -15,6 +15,7 @@ without a restart. JSON, versioned by `apiVersion`:
       "models": {
         "llama": {"upstream": "meta-llama/Llama-3.1-8B-Instruct", "fallback": "llama-small"}
       },
+      "upstreams": ["http://10.0.3.7:8000", "http://10.0.4.2:8000"],
       "keys": {
         "<sha256 hex of the key>": {
           "name": "team-a", "policy": "standard", "models": ["llama-3-8b"],
@@ -29,6 +30,9 @@ Keys appear only as SHA-256 hashes. A key's `name` is its identity for quotas, l
 metrics (unique in the document; a rotated key keeps its name, so its usage carries over).
 Limits left out (or null) are unlimited; a key without `policy` gets `defaultPolicy`, and a
 key naming a policy the document lacks is rejected (never silently unlimited).
+`upstreams`, when present, are the replicas' base URLs as the operator resolved them (an
+InferencePool's ready pods) and replace the gateway's own `VLLM_URL(S)`; an empty list is
+a pool with no ready pod.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ API_VERSION: Final = "tollgate.dev/v1alpha1"
 CONFIG_SECRET_KEY: Final = "config.json"
 KIND: Final = "GatewayConfig"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# A replica's base URL: scheme, host (a name, IPv4 or [IPv6]) and port, nothing more.
+_BASE_URL = re.compile(r"^https?://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
 
 
@@ -103,6 +109,8 @@ class GatewayConfig(_Model):
     keys: dict[str, KeySpec] = {}
     # Model names clients use, by name: aliases and fallbacks.
     models: dict[str, ModelRoute] = {}
+    # The replicas, when the operator resolves them; None: the gateway's settings decide.
+    upstreams: list[str] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> GatewayConfig:
@@ -120,6 +128,9 @@ class GatewayConfig(_Model):
         for name, route in self.models.items():
             if route.fallback == name:
                 raise ValueError(f"model {name!r} cannot be its own fallback")
+        for base in self.upstreams or ():
+            if not _BASE_URL.match(base):
+                raise ValueError(f"upstream {base!r} is not http(s)://host:port")
         return self
 
     def policy_for(self, key: KeySpec) -> Policy | None:

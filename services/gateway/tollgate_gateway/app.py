@@ -60,7 +60,7 @@ class Gateway:
         self.config = ConfigWatcher(
             settings.gateway_config_file,
             env_keys(settings.gateway_api_keys, policy),
-            self._use_keys,
+            self._use_config,
             settings.gateway_config_poll_seconds,
         )
         self.config_secret: SecretWatcher | None = None
@@ -171,8 +171,12 @@ class Gateway:
         self.metrics.observe(record, latency)
         self.access_log.write(record, latency)
 
-    def _use_keys(self, keys: KeyRing, version: str, models: ModelRoutes) -> None:
+    def _use_config(
+        self, keys: KeyRing, version: str, models: ModelRoutes, upstreams: list[str] | None
+    ) -> None:
         self.current.use(keys, version, models)
+        if upstreams is not None:
+            self.pool.use_bases(upstreams, "config")
         self._update_known_models()
 
     def _update_known_models(self) -> None:

@@ -55,7 +55,7 @@ class ConfigWatcher:
         self,
         path: str | None,
         env_keys: list[ApiKey],
-        on_change: Callable[[KeyRing, str, ModelRoutes], None],
+        on_change: Callable[[KeyRing, str, ModelRoutes, list[str] | None], None],
         poll_interval: float = 0.25,
     ) -> None:
         self.path = Path(path) if path else None
@@ -75,7 +75,7 @@ class ConfigWatcher:
     def load(self) -> None:
         """The first load: a broken document here stops the start (there is no last good)."""
         if self.path is None:
-            self.on_change(KeyRing(self.env_keys), self.version, ModelRoutes())
+            self.on_change(KeyRing(self.env_keys), self.version, ModelRoutes(), None)
             return
         try:
             self._signature = self._stat()
@@ -153,7 +153,7 @@ class ConfigWatcher:
     def _apply(self, config: GatewayConfig, source: str) -> None:
         keys = KeyRing([*self.env_keys, *config_keys(config)])
         self.version = config.version()
-        self.on_change(keys, self.version, ModelRoutes(config.models))
+        self.on_change(keys, self.version, ModelRoutes(config.models), config.upstreams)
         log.info(
             "configuration loaded",
             extra={

@@ -371,7 +371,7 @@ class UpstreamPool:
 
     def refusal_for(self, model: str | None) -> Refusal:
         """Why no replica can take a request for `model` now."""
-        if not self.knows_model(model):
+        if self.upstreams and not self.knows_model(model):
             return Refusal(
                 errors.MODEL_NOT_FOUND,
                 f"The model `{model}` does not exist.",
@@ -513,20 +513,38 @@ class UpstreamPool:
         self.dns_refreshes["ok"] += 1
         if not addresses:
             return  # an empty answer is more likely a glitch than a scale-to-zero
-        bases = [_base(address, port) for address in addresses]
+        joined = self._replace([_base(address, port) for address in addresses], "dns")
+        await asyncio.gather(*(self._check(u) for u in joined))
+        if joined:
+            self._on_models()
+
+    def use_bases(self, bases: list[str], source: str) -> None:
+        """The replicas as the configuration document names them (the operator's view of
+        an InferencePool); those that joined are checked at once, not at the next poll."""
+        joined = self._replace(bases, source)
+        if joined and self._tasks:  # started: check them now (else start() checks all)
+            self._tasks.append(
+                asyncio.create_task(self._check_joined(joined), name="upstream-joined")
+            )
+
+    async def _check_joined(self, joined: list[Upstream]) -> None:
+        await asyncio.gather(*(self._check(u) for u in joined))
+        self._on_models()
+
+    def _replace(self, bases: list[str], source: str) -> list[Upstream]:
+        """Swap the list of replicas; the ones that joined. In-flight requests keep their
+        Upstream object; new requests see the new list."""
         current = {u.base: u for u in self.upstreams}
         if set(bases) == set(current):
-            return
+            return []
         joined = [b for b in bases if b not in current]
         left = [b for b in current if b not in bases]
-        # In-flight requests keep their Upstream object; new requests see the new list.
-        self.upstreams = [current.get(b) or self._new(b, None) for b in bases]
+        self.upstreams = [current.get(b) or self._new(b, None) for b in dict.fromkeys(bases)]
         log.info(
             "upstream replicas changed",
-            extra={"event": "upstream_dns", "name": name, "joined": joined, "left": left},
+            extra={"event": "upstream_replicas", "source": source, "joined": joined, "left": left},
         )
-        await asyncio.gather(*(self._check(u) for u in self.upstreams if u.base in joined))
-        self._on_models()
+        return [u for u in self.upstreams if u.base in joined]
 
     async def _refresh_dns_forever(self) -> None:
         while True:

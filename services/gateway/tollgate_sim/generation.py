@@ -2,6 +2,11 @@
 time to first token, tokens at the inter-token latency, cut and cancelled streams, and the
 stats. Routes differ only in their Renderer, which turns tokens into their wire format.
 
+Time to first token is `ttft_ms`, shortened by the prefix cache's share of the prompt, plus
+a prefill cost per prompt token the cache did not hold (`prefill_ms_per_1k_tokens`): in
+vLLM a long uncached prompt is what makes a first token late, and a cache hit is what a
+prefix-aware router wins, so both must show in the simulator's timings.
+
 With no delays a whole stream leaves in one `write`; with delays each event is its own
 chunked-encoding chunk, as uvicorn sends them. The client leaving cancels the task, so a
 request abandoned while waiting, before its first token or mid-stream ends at once.
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 from tollgate_sim import http
 from tollgate_sim.errors import ApiError
 from tollgate_sim.exchange import Exchange
+from tollgate_sim.knobs import Knobs
 
 
 @dataclass
@@ -88,6 +94,18 @@ class Renderer:
             yield False, event
 
 
+def first_token_ms(knobs: Knobs, prompt_tokens: int, cached_tokens: int) -> float:
+    """Milliseconds from admission to the first token: `ttft_ms`, less the cached share of
+    the prompt, plus the prefill of the `prompt_tokens - cached_tokens` computed."""
+    ttft = knobs.ttft_ms
+    if ttft and cached_tokens:
+        ttft *= 1 - cached_tokens / prompt_tokens
+    prefill = knobs.prefill_ms_per_1k_tokens
+    if prefill:
+        ttft += prefill * (prompt_tokens - cached_tokens) / 1000
+    return ttft
+
+
 def pick_fault(ex: Exchange) -> str:
     """Apply the `fault` knob; "none", "cut", or "done" when it already answered."""
     knobs = ex.knobs
@@ -123,9 +141,7 @@ async def generate(ex: Exchange, plan: Plan, render: Renderer) -> None:
         stats.prompt_tokens_processed += plan.prompt_tokens
         engine.prompt_tokens += plan.prompt_tokens
         plan.cached_tokens = slot.cached_tokens
-        ttft = knobs.ttft_ms
-        if ttft and slot.cached_tokens:
-            ttft *= 1 - slot.cached_tokens / plan.prompt_tokens
+        ttft = first_token_ms(knobs, plan.prompt_tokens, slot.cached_tokens)
         if ttft:
             await asyncio.sleep(ttft / 1000)
         if not plan.stream:
@@ -203,7 +219,9 @@ def _count_usage(ex: Exchange, plan: Plan) -> None:
 
 async def answer(ex: Exchange, plan: Plan, body: bytes) -> None:
     """A pooling request (embeddings, score, rerank): faults, admission, the prefill time
-    (ttft_ms), then `body`. There are no tokens to stream, so `cut` does not apply."""
+    (ttft_ms plus prefill_ms_per_1k_tokens of the whole prompt: pooling prompts are not
+    looked up in the prefix cache), then `body`. There are no tokens to stream, so `cut`
+    does not apply."""
     if pick_fault(ex) == "done":
         return
     state = ex.state
@@ -214,8 +232,9 @@ async def answer(ex: Exchange, plan: Plan, body: bytes) -> None:
         slot = await engine.admit(state.knobs, 1, plan.prompt_tokens, plan.lora, None)
         stats.prompt_tokens_processed += plan.prompt_tokens
         engine.prompt_tokens += plan.prompt_tokens
-        if ex.knobs.ttft_ms:
-            await asyncio.sleep(ex.knobs.ttft_ms / 1000)
+        delay = first_token_ms(ex.knobs, plan.prompt_tokens, 0)
+        if delay:
+            await asyncio.sleep(delay / 1000)
         stats.prompt_tokens += plan.prompt_tokens
         ex.send(200, body)
         stats.completed += 1

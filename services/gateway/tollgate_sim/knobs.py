@@ -47,6 +47,9 @@ class Knobs:
     # Delay before the first token, and between tokens, in milliseconds.
     ttft_ms: float = 0.0
     itl_ms: float = 0.0
+    # Prefill: more delay before the first token per 1000 prompt tokens the prefix cache
+    # did not hold, as vLLM's prefill time grows with the tokens it computes (0: none).
+    prefill_ms_per_1k_tokens: float = 0.0
     # none | error (answer `error_status`) | stall (never answer) | reset (drop the
     # connection before answering) | cut (a stream ends abruptly after `cut_after` tokens).
     fault: str = "none"
@@ -68,7 +71,8 @@ class Knobs:
     # Engine shape. max_num_seqs: sequences running at once, more wait (0: unlimited).
     max_num_seqs: int = 0
     # Prefix cache: LRU of this many blocks of `block_size` prompt tokens (0: off). A hit
-    # shortens TTFT in proportion to the cached share of the prompt.
+    # shortens ttft_ms in proportion to the cached share of the prompt, and the cached
+    # tokens cost no prefill_ms_per_1k_tokens.
     prefix_cache_blocks: int = 0
     block_size: int = 16
     # KV cache size in tokens, for vllm:kv_cache_usage_perc.
@@ -87,7 +91,8 @@ class Knobs:
             raise ValueError(f"best_of must be one of {', '.join(BEST_OF_MODES)}")
         if self.default_tokens < 0 or self.cut_after < 0:
             raise ValueError("token counts must be >= 0")
-        if self.ttft_ms < 0 or self.itl_ms < 0 or self.keepalive_timeout_s < 0:
+        delays = (self.ttft_ms, self.itl_ms, self.prefill_ms_per_1k_tokens)
+        if min(*delays, self.keepalive_timeout_s) < 0:
             raise ValueError("delays must be >= 0")
         if not 0.0 <= self.fault_rate <= 1.0:
             raise ValueError("fault_rate must be within [0, 1]")

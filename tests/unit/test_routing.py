@@ -100,6 +100,14 @@ def test_requests_sent_since_the_scrape_count_towards_the_queue() -> None:
     assert _scorer(kv=0).rank([a, b], [], None)[0] is b  # a: 2 + 8 sent since; b: 4
 
 
+def test_requests_finished_since_the_scrape_leave_the_queue_at_once() -> None:
+    """Between scrapes the gateway's own count is exact; only other clients' share is
+    taken from the scrape."""
+    drained = Replica("http://drained", inflight=1, load=_load(running=8), inflight_at_load=8)
+    shared = Replica("http://shared", inflight=0, load=_load(running=3), inflight_at_load=0)
+    assert _scorer(kv=0).rank([drained, shared], [], None)[0] is drained
+
+
 def test_kv_pressure_counts() -> None:
     full = Replica("http://full", load=_load(running=2, kv=0.95))
     roomy = Replica("http://roomy", load=_load(running=2, kv=0.1))

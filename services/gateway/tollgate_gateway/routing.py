@@ -5,21 +5,23 @@ Replicas are not interchangeable: each holds a different KV cache, and one with 
 queue answers late however few connections it has open. So, as the Gateway API Inference
 Extension's endpoint picker does, the gateway reads each replica's own vLLM `/metrics`
 on a short interval (`parse_load`: requests running and waiting, KV-cache use, LoRA
-adapters loaded) and scores every candidate (`Scorer.choose`), highest wins:
+adapters loaded) and scores every candidate (`Scorer.rank`), highest first:
 
     weights.queue  * (1 - its queue, scaled between the candidates' least and most)
   + weights.kv     * (1 - its KV-cache use)
   + weights.prefix * (the share of the request's leading blocks it served last)
   + weights.lora   * (1 if the requested LoRA adapter is loaded on it)
 
-The queue is the replica's running and waiting requests at its last scrape plus what this
-gateway has sent it since; without a fresh scrape (older than `stale_after`), the
-gateway's own in-flight count alone, and a KV use of one half, so a silent replica is
-neither favoured nor shunned. The prefix term needs no tokenizer: the request body's
-leading bytes, in blocks, are hashed as a chain (a block matches only after the same
-prefix, as vLLM's block hashes do), and the `PrefixIndex` remembers which replica last
-took each block. Clients append turns at the end of `messages`, so a conversation's next
-request shares its body's prefix with the last one. The choice is O(replicas + blocks).
+The queue is what other clients had running and waiting on the replica at its last
+scrape (what it reported, less this gateway's requests then) plus this gateway's
+requests in flight to it now, which is exact between scrapes; without a fresh scrape
+(older than `stale_after`), the gateway's own in-flight count alone, and a KV use of one
+half, so a silent replica is neither favoured nor shunned. The prefix term needs no
+tokenizer: the request body's leading bytes, in blocks, are hashed as a chain (a block
+matches only after the same prefix, as vLLM's block hashes do), and the `PrefixIndex`
+remembers which replica last took each block. Clients append turns at the end of
+`messages`, so a conversation's next request shares its body's prefix with the last one.
+The choice is O(replicas + blocks).
 """
 
 from __future__ import annotations
@@ -201,7 +203,9 @@ class Scorer:
         for c in candidates:
             load = c.load
             if load is not None and now - load.at <= self.stale_after:
-                queues.append(load.running + load.waiting + max(0, c.inflight - c.inflight_at_load))
+                # Other clients' requests at the scrape, plus this gateway's own now.
+                others = max(0.0, load.running + load.waiting - c.inflight_at_load)
+                queues.append(others + c.inflight)
                 kvs.append(load.kv_usage)
             else:
                 queues.append(float(c.inflight))

@@ -21,7 +21,7 @@ TTFT alone and while a heavy key sends 10 times its concurrency (max_tokens 64, 
 batches stay full). The replicas' caches and counters are reset (POST /sim/reset) before
 every workload, so each starts cold in every mode. It passes or fails nothing.
 
-    .venv/bin/python bench/routing_bench.py [--quick] [--modes p2c,vllm]
+    .venv/bin/python bench/routing_bench.py [--quick] [--modes p2c,vllm,vllm+queue]
 """
 
 from __future__ import annotations
@@ -44,8 +44,9 @@ import aiohttp
 from gateway_bench import BIN, free_port, gateway_process, wait_http
 
 REPLICAS = 4
+MAX_NUM_SEQS = 8  # each replica's batch: more wait in its queue
 SIM_SHAPE = (
-    "--max-num-seqs", "8", "--prefix-cache-blocks", "4096", "--block-size", "16",
+    "--max-num-seqs", str(MAX_NUM_SEQS), "--prefix-cache-blocks", "4096", "--block-size", "16",
     "--ttft-ms", "10", "--prefill-ms-per-1k-tokens", "60", "--itl-ms", "5",
 )  # fmt: skip
 KEYS = {"bench": "sk-bench", "heavy": "sk-heavy", "light": "sk-light"}
@@ -280,14 +281,17 @@ class Sizes:
 
 def run_mode(mode: str, sims: list[str], tmp: str, sizes: Sizes) -> tuple[list[Run], Fairness]:
     """Every workload through one gateway routing by `mode`."""
+    routing, _, extra = mode.partition("+")
     env = {
         "VLLM_URLS": ",".join(sims),
-        "GATEWAY_ROUTING": mode,
+        "GATEWAY_ROUTING": routing,
         "UPSTREAM_HEALTH_INTERVAL_SECONDS": "0.5",
         "GATEWAY_API_KEYS": ",".join(f"{name}:{key}" for name, key in KEYS.items()),
         "DATABASE_URL": f"sqlite:///{tmp}/{mode}-{time.monotonic_ns()}.db",
         "LOG_LEVEL": "WARNING",
     }
+    if extra == "queue":  # the gateway's fair queues, at the replicas' batch size
+        env["GATEWAY_UPSTREAM_MAX_IN_FLIGHT"] = str(MAX_NUM_SEQS)
     c = sizes.concurrency
     workloads: list[Callable[[str], Coroutine[Any, Any, Run]]] = [
         lambda url: chats(url, c, sizes.turns),
@@ -329,7 +333,7 @@ def report(modes: list[str], results: list[tuple[list[Run], Fairness]], sizes: S
                 f"{run.pct(0.5):>10.1f}{run.pct(0.99):>9.1f}{run.hit_rate:>10.1%}"
                 f"   {'/'.join(map(str, run.spread))}"
             )
-        if len(results) == 2:
+        if len(results) >= 2:
             first, second = results[0][0][w], results[1][0][w]
             print(
                 f"{'':<22}{f'{modes[0]}/{modes[1]}':<10}{'':>6}"
@@ -366,7 +370,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     parser.add_argument(
-        "--modes", default="p2c,vllm", help="GATEWAY_ROUTING values, comma-separated, in order"
+        "--modes",
+        default="p2c,vllm,vllm+queue",
+        help="GATEWAY_ROUTING values, comma-separated, in order; +queue adds the fair queues"
+        " (GATEWAY_UPSTREAM_MAX_IN_FLIGHT at the replicas' batch size)",
     )
     parser.add_argument("--concurrency", type=int, default=48, help="also (a)'s sessions")
     args = parser.parse_args()

@@ -9,7 +9,7 @@ without a restart. JSON, versioned by `apiVersion`:
       "kind": "GatewayConfig",
       "policies": {
         "standard": {"requestsPerMinute": 600, "tokensPerMinute": 100000,
-                     "tokensPerDay": 2000000, "maxConcurrentRequests": 16}
+                     "tokensPerDay": 2000000, "maxConcurrentRequests": 16, "priority": 0}
       },
       "defaultPolicy": "standard",
       "models": {
@@ -67,6 +67,9 @@ class Policy(_Model):
     tokens_per_minute: int | None = Field(None, ge=1)
     tokens_per_day: int | None = Field(None, ge=1)
     max_concurrent_requests: int | None = Field(None, ge=1)
+    # When every replica is full: the key's share of the places (1 + priority per turn);
+    # negative: sheddable, refused instead of queued.
+    priority: int = Field(default=0, ge=-1, le=9)
 
 
 class KeySpec(_Model):

@@ -18,6 +18,7 @@ from tollgate_gateway import endpoints, errors
 from tollgate_gateway.asgi import Receive, Scope, Send, request_id_for, send_refusal
 from tollgate_gateway.config_watch import ConfigWatcher, CurrentConfig, env_policy
 from tollgate_gateway.errors import Refusal
+from tollgate_gateway.fairqueue import FairQueue
 from tollgate_gateway.keys import KeyRing, env_keys
 from tollgate_gateway.lifecycle import Lifecycle
 from tollgate_gateway.logs import AccessLog
@@ -83,8 +84,17 @@ class Gateway:
             workers=settings.gateway_workers,
         )
         self.pool = UpstreamPool(settings, on_models=self._update_known_models)
+        self.queue = (
+            FairQueue(self.pool.has_room, settings.gateway_queue_timeout_seconds)
+            if settings.gateway_upstream_max_in_flight is not None
+            else None
+        )
+        if self.queue is not None:
+            self.pool.on_release = self.queue.wake
         self.metrics = GatewayMetrics(
-            StateCollector(self.lifecycle, self.pool, self.quota, self.current, self.config)
+            StateCollector(
+                self.lifecycle, self.pool, self.quota, self.current, self.config, self.queue
+            )
         )
         self.quota.on_flush = self.metrics.quota_flush.observe
         self.access_log = AccessLog(
@@ -104,6 +114,7 @@ class Gateway:
             ClientAddress(settings.gateway_trusted_proxies),
             self.quota,
             self.pool,
+            self.queue,
             self.lifecycle,
             self.tracing,
             self.settle,

@@ -44,6 +44,7 @@ from tollgate_gateway import version
 
 if TYPE_CHECKING:
     from tollgate_gateway.config_watch import ConfigWatcher, CurrentConfig
+    from tollgate_gateway.fairqueue import FairQueue
     from tollgate_gateway.lifecycle import Lifecycle
     from tollgate_gateway.quota import QuotaLedger
     from tollgate_gateway.record import RequestRecord
@@ -244,8 +245,10 @@ class StateCollector(Collector):
         quota: QuotaLedger,
         current: CurrentConfig,
         config: ConfigWatcher,
+        queue: FairQueue | None = None,
     ) -> None:
         self.lifecycle = lifecycle
+        self.queue = queue
         self.pool = pool
         self.quota = quota
         self.current = current
@@ -260,6 +263,13 @@ class StateCollector(Collector):
             "Requests being proxied now.",
             value=self.lifecycle.inflight,
         )
+        if self.queue is not None:
+            yield GaugeMetricFamily(
+                "tollgate_queue_waiting",
+                "Requests waiting for a place on a replica (every one serving their model"
+                " is at GATEWAY_UPSTREAM_MAX_IN_FLIGHT).",
+                value=self.queue.waiting,
+            )
         upstreams = self.pool.upstreams
         up = GaugeMetricFamily(
             "tollgate_upstream_up",

@@ -36,6 +36,7 @@ from tollgate_gateway.config_watch import CurrentConfig
 from tollgate_gateway.endpoints import Body, Endpoint, Stream
 from tollgate_gateway.errors import ErrorKind, Refusal
 from tollgate_gateway.events import EventTap
+from tollgate_gateway.fairqueue import FairQueue
 from tollgate_gateway.keys import CREDENTIAL_HEADERS, ApiKey
 from tollgate_gateway.lifecycle import Lifecycle
 from tollgate_gateway.outgoing import Outgoing, prepare, send_as
@@ -110,6 +111,7 @@ class Proxy:
         client_address: ClientAddress,
         quota: QuotaLedger,
         pool: UpstreamPool,
+        queue: FairQueue | None,
         lifecycle: Lifecycle,
         tracer: Tracing | None,
         settle: Callable[[RequestRecord], None],
@@ -120,6 +122,7 @@ class Proxy:
         self.client_address = client_address
         self.quota = quota
         self.pool = pool
+        self.queue = queue
         self.lifecycle = lifecycle
         self.tracer = tracer
         self._settle = settle
@@ -155,6 +158,9 @@ class Proxy:
             self.admit(record, endpoint, key, outgoing)
             if record.admission is not None and record.admission.confirm:
                 await self.quota.confirm(key, record.admission)
+            if self.queue is not None:
+                priority = key.policy.priority if key.policy is not None else 0
+                await self.queue.wait_turn(key.name, priority, outgoing.model)
             affinity = self._affinity(ingress.session, key.name)
             upstream = self.route(record, outgoing, affinity, scope["path"])
             await self.forward(record, receive, send, upstream, outgoing, ingress, affinity)

@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     upstream_connect_timeout_seconds: Seconds = 5.0
     upstream_first_byte_timeout_seconds: Seconds = 600.0
     upstream_stream_idle_timeout_seconds: Seconds = 60.0
+    # Requests of this gateway in flight on each replica at most (vLLM's max_num_seqs is
+    # the natural value); past it on every replica of a model, requests wait in per-key
+    # fair queues, at most `queue_timeout` (fairqueue.py). Unset: no limit, no queue.
+    gateway_upstream_max_in_flight: int | None = Field(None, ge=1)
+    gateway_queue_timeout_seconds: Seconds = 30.0
     # Keep-alive connections to each replica at most.
     upstream_max_connections: int = Field(1000, gt=0)
     upstream_health_interval_seconds: Seconds = 2.0

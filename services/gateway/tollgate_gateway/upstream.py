@@ -52,6 +52,7 @@ from tollgate_gateway.routing import ReplicaLoad, Scorer, Weights, parse_load, p
 from tollgate_gateway.settings import Settings
 
 log = logging.getLogger("tollgate.upstream")
+HEALTH_TIMEOUT_SECONDS = 2.0
 
 KEEPALIVE_SECONDS = 4.0
 # The URLs the health poll uses, built once per replica (requests go through h1client,
@@ -145,11 +146,14 @@ class Upstream:
 class Attempt:
     """One request to one replica, from sending it to `finish`."""
 
-    __slots__ = ("_finished", "_pool", "_response", "upstream", "waited")
+    __slots__ = ("_finished", "_on_done", "_pool", "_response", "upstream", "waited")
 
-    def __init__(self, upstream: Upstream, pool: h1client.Pool) -> None:
+    def __init__(
+        self, upstream: Upstream, pool: h1client.Pool, on_done: Callable[[], None]
+    ) -> None:
         self.upstream = upstream
         self._pool = pool
+        self._on_done = on_done
         self._response: h1client.Response | None = None
         self._finished = False
         # Seconds spent waiting on the replica (its headers, body and stream reads).
@@ -212,6 +216,7 @@ class Attempt:
             return
         self._finished = True
         self.upstream.inflight -= 1
+        self._on_done()
         breaker = self.upstream.breaker
         if outcome is Outcome.SUCCEEDED:
             breaker.success()
@@ -244,8 +249,14 @@ class UpstreamPool:
             limit=settings.upstream_max_connections, keepalive=KEEPALIVE_SECONDS
         )
         self._health_interval = settings.upstream_health_interval_seconds
-        self._health_timeout = min(2.0, self._health_interval)
+        # A poll's answer may take this long whatever the interval (polls never overlap:
+        # the next waits for this one). A timeout as short as a fast interval marked
+        # replicas of a busy machine down, and moved their sessions.
+        self._health_timeout = HEALTH_TIMEOUT_SECONDS
         self._scrape_interval = settings.gateway_routing_scrape_seconds
+        self._cap = settings.gateway_upstream_max_in_flight
+        # Called when a request to a replica ends (a place freed: the fair queue's cue).
+        self.on_release: Callable[[], None] = lambda: None
         self.scorer = (
             Scorer(
                 Weights.parse(settings.gateway_routing_weights),
@@ -293,7 +304,22 @@ class UpstreamPool:
         await self.client.close()
 
     def attempt(self, upstream: Upstream) -> Attempt:
-        return Attempt(upstream, self.client.pool(upstream.base))
+        return Attempt(upstream, self.client.pool(upstream.base), self.on_release)
+
+    def _open(self, u: Upstream) -> bool:
+        """Below this gateway's limit of requests in flight there (if it has one)."""
+        return self._cap is None or u.inflight < self._cap
+
+    def has_room(self, model: str | None, pending: int) -> bool:
+        """Whether the replicas serving `model` have a place for one more request beyond
+        `pending` ones on their way (the fair queue's question)."""
+        cap = self._cap
+        if cap is None:
+            return True
+        free = sum(
+            max(0, cap - u.inflight) for u in self.upstreams if u.available() and u.serves(model)
+        )
+        return free > pending
 
     # Choosing a replica
 
@@ -311,7 +337,7 @@ class UpstreamPool:
             return None
         if len(upstreams) == 1:  # the common single-URL case: no sampling
             only = upstreams[0]
-            if only is not exclude and only.available() and only.serves(model):
+            if only is not exclude and only.available() and only.serves(model) and self._open(only):
                 return only if only.breaker.allow() else None
             return None
         if affinity is not None:
@@ -320,29 +346,28 @@ class UpstreamPool:
             return self._pick_scored(self.scorer, model, exclude, body)
         # Two random choices first (O(1)); a full scan only if they were not usable.
         a, b = random.sample(upstreams, 2)
-        usable_a = a is not exclude and a.available() and a.serves(model)
-        usable_b = b is not exclude and b.available() and b.serves(model)
+        usable_a = a is not exclude and a.available() and a.serves(model) and self._open(a)
+        usable_b = b is not exclude and b.available() and b.serves(model) and self._open(b)
         if usable_a and usable_b:
             first, second = (a, b) if a.inflight <= b.inflight else (b, a)
             if first.breaker.allow():
                 return first
             if second.breaker.allow():
                 return second
-        candidates = [
-            u for u in upstreams if u is not exclude and u.available() and u.serves(model)
-        ]
+        candidates = [u for u in upstreams if self._usable(u, model, exclude)]
         candidates.sort(key=lambda u: (u.inflight, random.random()))
         for upstream in candidates:
             if upstream.breaker.allow():
                 return upstream
         return None
 
+    def _usable(self, u: Upstream, model: str | None, exclude: Upstream | None) -> bool:
+        return u is not exclude and u.available() and u.serves(model) and self._open(u)
+
     def _pick_scored(
         self, scorer: Scorer, model: str | None, exclude: Upstream | None, body: bytes
     ) -> Upstream | None:
-        candidates = [
-            u for u in self.upstreams if u is not exclude and u.available() and u.serves(model)
-        ]
+        candidates = [u for u in self.upstreams if self._usable(u, model, exclude)]
         blocks = prefix_blocks(body)
         for upstream in scorer.rank(candidates, blocks, model):
             if upstream.breaker.allow():
@@ -356,7 +381,7 @@ class UpstreamPool:
         """Rendezvous hashing: the same session lands on the same replica while it is
         available; when it is not, only its sessions move."""
         ranked = sorted(
-            (u for u in self.upstreams if u is not exclude and u.available() and u.serves(model)),
+            (u for u in self.upstreams if self._usable(u, model, exclude)),
             key=lambda u: hashlib.blake2b(f"{affinity}|{u.base}".encode(), digest_size=8).digest(),
             reverse=True,
         )

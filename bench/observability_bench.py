@@ -25,7 +25,8 @@ import psutil
 from gateway_bench import BIN, CHAT, free_port, gateway_process, measure, wait_http
 
 from tollgate_gateway.app import Gateway
-from tollgate_gateway.exchange import Exchange
+from tollgate_gateway.podshare import PodShare
+from tollgate_gateway.record import RequestRecord
 from tollgate_gateway.settings import load_settings
 from tollgate_gateway.usage import Usage
 
@@ -55,8 +56,10 @@ async def _sink(port: int) -> None:
 def observe_cost_us() -> float:
     """Microseconds of CPU for the metrics of one finished request."""
     with tempfile.TemporaryDirectory() as tmp:
-        gateway = Gateway(load_settings(database_url=f"sqlite:///{tmp}/x.db"))
-        ex = Exchange(route="/v1/chat/completions", started=time.perf_counter())
+        gateway = Gateway(load_settings(database_url=f"sqlite:///{tmp}/x.db"), PodShare(1))
+        ex = RequestRecord(
+            route="/v1/chat/completions", operation="chat", started=time.perf_counter()
+        )
         ex.key_name, ex.model, ex.status, ex.stream = "bench", "sim-llama", 200, True
         ex.upstream_status, ex.upstream_seconds, ex.ttft_seconds = 200, 0.01, 0.002
         ex.usage = Usage(12, 64)

@@ -68,8 +68,9 @@ class Policy(_Model):
     tokens_per_day: int | None = Field(None, ge=1)
     max_concurrent_requests: int | None = Field(None, ge=1)
     # When every replica is full: the key's share of the places (1 + priority per turn);
-    # negative: sheddable, refused instead of queued.
-    priority: int = Field(default=0, ge=-1, le=9)
+    # -1: sheddable, refused instead of queued. Unset is 0 (and leaves documents written
+    # before the field byte for byte the same).
+    priority: int | None = Field(default=None, ge=-1, le=9)
 
 
 class KeySpec(_Model):

@@ -159,7 +159,7 @@ class Proxy:
             if record.admission is not None and record.admission.confirm:
                 await self.quota.confirm(key, record.admission)
             if self.queue is not None:
-                priority = key.policy.priority if key.policy is not None else 0
+                priority = (key.policy.priority or 0) if key.policy is not None else 0
                 await self.queue.wait_turn(key.name, priority, outgoing.model)
             affinity = self._affinity(ingress.session, key.name)
             upstream = self.route(record, outgoing, affinity, scope["path"])

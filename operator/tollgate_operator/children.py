@@ -184,9 +184,14 @@ def gateway_deployment(gw: Manifest) -> Manifest:
     upstream = spec.get("upstream", {})
     drain = int(spec.get("drainSeconds", 30))
     delay = int(spec.get("shutdownDelaySeconds", 5))
-    # One of url / urls / dnsName (the CRD requires exactly one).
-    if upstream.get("dnsName"):
-        env: list[dict[str, Any]] = [{"name": E.VLLM_DNS_NAME, "value": upstream["dnsName"]}]
+    # One of url / urls / dnsName / inferencePool (the CRD requires exactly one). A pool's
+    # replicas are in the config document (`upstreams`, which replace the gateway's own
+    # default VLLM_URL): no upstream env at all.
+    env: list[dict[str, Any]]
+    if upstream.get("inferencePool"):
+        env = []
+    elif upstream.get("dnsName"):
+        env = [{"name": E.VLLM_DNS_NAME, "value": upstream["dnsName"]}]
     elif upstream.get("urls"):
         env = [{"name": E.VLLM_URLS, "value": ",".join(upstream["urls"])}]
     else:

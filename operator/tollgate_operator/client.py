@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,9 @@ NETWORK_POLICIES = Kind("networking.k8s.io", "v1", "networkpolicies")
 ROLES = Kind("rbac.authorization.k8s.io", "v1", "roles")
 ROLE_BINDINGS = Kind("rbac.authorization.k8s.io", "v1", "rolebindings")
 SERVICE_MONITORS = Kind("monitoring.coreos.com", "v1", "servicemonitors")
+PODS = Kind("", "v1", "pods")
+# The Gateway API Inference Extension's pool of model-server pods (a third-party CRD).
+INFERENCE_POOLS = Kind("inference.networking.k8s.io", "v1", "inferencepools")
 API_KEYS = Kind("tollgate.dev", "v1alpha1", "apikeys")
 QUOTA_POLICIES = Kind("tollgate.dev", "v1alpha1", "quotapolicies")
 GATEWAYS = Kind("tollgate.dev", "v1alpha1", "inferencegateways")
@@ -111,6 +115,16 @@ class KubeClient:
             if exc.status == 404:
                 return None
             raise
+
+    async def select(
+        self, kind: Kind, namespace: str | None, labels: Mapping[str, str]
+    ) -> list[dict[str, Any]]:
+        """The objects whose labels include all of `labels` (an equality label selector,
+        evaluated by the API server: only the matching objects travel)."""
+        selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+        doc = await self._call("GET", kind.path(namespace), query=[("labelSelector", selector)])
+        items: list[dict[str, Any]] = doc.get("items") or []
+        return items
 
     async def create(
         self, kind: Kind, namespace: str | None, body: dict[str, Any]
@@ -170,10 +184,11 @@ class KubeClient:
         path: str,
         body: dict[str, Any] | None = None,
         content_type: str = "application/json",
+        query: list[tuple[str, str]] | None = None,
     ) -> dict[str, Any]:
         for attempt in range(len(_BACKOFFS) + 1):
             try:
-                return await self._once(method, path, body, content_type)
+                return await self._once(method, path, body, content_type, query)
             except ApiError as exc:
                 if exc.status not in _RETRY_STATUSES or attempt == len(_BACKOFFS):
                     raise
@@ -186,12 +201,18 @@ class KubeClient:
         raise AssertionError("unreachable")
 
     async def _once(
-        self, method: str, path: str, body: dict[str, Any] | None, content_type: str
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        content_type: str,
+        query: list[tuple[str, str]] | None,
     ) -> dict[str, Any]:
         try:
             data = await self._api.call_api(
                 path,
                 method,
+                query_params=query,
                 header_params={"Content-Type": content_type, "Accept": "application/json"},
                 body=body,
                 auth_settings=["BearerToken"],

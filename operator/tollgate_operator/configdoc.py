@@ -10,12 +10,16 @@ disagree. Rules, all fail-closed:
   (PolicyMissing): never silently unlimited;
 - a key without readable material (Secret missing, empty, too short) is left out;
 - two ApiKeys with the same key: the first by name wins, the other is left out.
+
+`upstreams` (an InferencePool's ready pods, resolved by pools.py) is in the document only
+for a gateway whose upstream is a pool; every other document has none, byte for byte as
+before, so its version (and Secret) does not change.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,10 +103,13 @@ class GatewayView:
     default_policy: str | None
     has_database: bool
     deleting: bool = False
+    # spec.upstream.inferencePool.name: the config names the replicas (None: the env does).
+    inference_pool: str | None = None
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> GatewayView:
         meta, spec = body["metadata"], body.get("spec") or {}
+        pool = ((spec.get("upstream") or {}).get("inferencePool") or {}).get("name")
         return cls(
             namespace=meta["namespace"],
             name=meta["name"],
@@ -110,6 +117,7 @@ class GatewayView:
             default_policy=spec.get("defaultPolicy") or None,
             has_database=bool((spec.get("database") or {}).get("urlSecretRef")),
             deleting=bool(meta.get("deletionTimestamp")),
+            inference_pool=pool or None,
         )
 
 
@@ -180,8 +188,10 @@ def build(
     policies: Mapping[str, PolicyView],
     materials: Mapping[str, Material | Exception | None],
     now: datetime.datetime,
+    upstreams: Sequence[str] | None = None,
 ) -> Built:
-    """The document for one gateway; `materials` is by ApiKey uid."""
+    """The document for one gateway; `materials` is by ApiKey uid; `upstreams` the
+    replicas when the operator resolves them (None: the document names none)."""
     built = Built(GatewayConfig.model_validate({}))
     entries: dict[str, KeySpec] = {}
     used_policies: set[str] = set()
@@ -224,6 +234,7 @@ def build(
             "policies": {name: policies[name].to_policy() for name in sorted(used_policies)},
             "defaultPolicy": default,
             "keys": entries,
+            "upstreams": None if upstreams is None else list(upstreams),
         }
     )
     future = [t for t in horizon if t > now]

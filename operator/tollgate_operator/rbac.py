@@ -47,6 +47,11 @@ USED: dict[tuple[str, str], frozenset[str]] = {
         {"get", "list", "watch", "create", "patch"}
     ),
     ("monitoring.coreos.com", "servicemonitors"): frozenset({"get", "create", "patch", "delete"}),
+    # A gateway whose upstream is an InferencePool: the writer GETs the pool and lists its
+    # pods by label selector; kopf lists and watches both (pokes). No get on pods: never
+    # read one by name.
+    ("inference.networking.k8s.io", "inferencepools"): frozenset({"get", "list", "watch"}),
+    ("", "pods"): frozenset({"list", "watch"}),
 }
 
 # Leader election (leader.py): the one Lease, in the operator's own namespace only (a Role

@@ -9,7 +9,7 @@ the cluster, which is what happens after a restart.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from .writer import ConfigWriter
 
 KeyStatusHook = Callable[[str, Iterable[str]], Awaitable[None]]
+# A gateway's status should be recomputed (namespace, name): its InferencePool resolved anew.
+GatewayStatusHook = Callable[[str, str], Awaitable[None]]
 
 
 class ObjectKey(NamedTuple):
@@ -53,6 +55,7 @@ class Runtime:
     convergers: dict[str, Converger] = field(default_factory=dict)
     locks: dict[ObjectKey, asyncio.Lock] = field(default_factory=dict)
     key_status_hook: KeyStatusHook | None = None
+    gateway_status_hook: GatewayStatusHook | None = None
     # kopf's live index of InferenceGateways (set by the first handler that receives it).
     gateway_index: kopf.Index[GatewayKey, GatewayView] | None = None
     # The status of the operator's Deployments and DaemonSets as the child watches deliver
@@ -86,6 +89,22 @@ class Runtime:
         """Something a gateway config may depend on changed in this namespace."""
         for key, writer in list(self.writers.items()):
             if key.namespace == namespace:
+                writer.poke()
+
+    def poke_pool(self, namespace: str, pool: str) -> None:
+        """An InferencePool changed: the gateways that name it resolve it again."""
+        for key, writer in list(self.writers.items()):
+            if key.namespace == namespace and writer.pool() == pool:
+                writer.poke()
+
+    def poke_pod(self, namespace: str, pod: str, labels: Mapping[str, str]) -> None:
+        """A pod changed: the gateways whose pool it was or is in resolve again (other
+        pods, e.g. the gateways' own, poke nobody)."""
+        for key, writer in list(self.writers.items()):
+            resolution = writer.resolution
+            if key.namespace != namespace or resolution is None:
+                continue
+            if resolution.concerns(pod, labels):
                 writer.poke()
 
     def poke_owners(self, owner_uids: Iterable[str]) -> None:

@@ -9,6 +9,11 @@ against an unchanged cluster writes nothing.
 
 Revocation bound (docs/operator.md): poke -> write is at most `debounce_max` plus one API
 round trip; the gateway then sees the Secret through its watch.
+
+A gateway whose upstream is an InferencePool gets the pool's ready pods as the document's
+`upstreams`, read at each pass (the pool, and its pods by label selector): the pod and pool
+watches only say *when* (handlers/inferencepool.py), so a pass never depends on a watch
+cache being complete, and a restart against an unchanged pool writes nothing.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ import kopf
 
 from tollgate_contract.config import CONFIG_SECRET_KEY, GatewayConfig, parse
 
-from . import children, metrics
-from .client import GATEWAYS, SECRETS
+from . import children, metrics, pools
+from .client import GATEWAYS, INFERENCE_POOLS, PODS, SECRETS, ApiError
 from .configdoc import ApiKeyView, Built, GatewayView, PolicyView, Verdict, build, verdict
 from .reconcile import ensure
 from .runtime import Runtime
@@ -59,6 +64,8 @@ class ConfigWriter:
         self.document: GatewayConfig | None = None
         self.verdicts: dict[str, Verdict] = {}
         self.synced = False  # verdicts describe the written document
+        # The InferencePool as last resolved (None: the upstream is not a pool).
+        self.resolution: pools.Resolution | None = None
         self.writes = 0
         runtime.gateway_index = gateway_index
 
@@ -74,6 +81,10 @@ class ConfigWriter:
 
     def policies(self) -> dict[str, PolicyView]:
         return {p.name: p for p in self._policies.get(self.namespace, [])}
+
+    def pool(self) -> str | None:
+        gateway = self.gateway()
+        return gateway.inference_pool if gateway is not None else None
 
     def verdict_for(self, key: ApiKeyView) -> Verdict:
         material = self.runtime.materials.get(key.uid)
@@ -146,9 +157,12 @@ class ConfigWriter:
         for key in keys:
             if key.uid not in self.runtime.materials and not key.deleting:
                 await self.runtime.load_material(key)
-        built = build(gateway, keys, self.policies(), dict(self.runtime.materials), _now())
         if self.version is None:
             await self._read_back()
+        resolution = await self._resolve_pool(gateway)
+        upstreams = None if resolution is None else list(resolution.upstreams)
+        materials = dict(self.runtime.materials)
+        built = build(gateway, keys, self.policies(), materials, _now(), upstreams)
         version = built.config.version()
         if version != self.version:
             await self._write(gateway, built.config, version)
@@ -159,7 +173,33 @@ class ConfigWriter:
         await self._patch_gateway_status(len(built.config.keys), version)
         if changed and self.runtime.key_status_hook is not None:
             await self.runtime.key_status_hook(self.namespace, changed)
+        # Kept only once written: a failed pass reports (and retries) it again.
+        before, self.resolution = self.resolution, resolution
+        if self.resolution != before and self.runtime.gateway_status_hook is not None:
+            await self.runtime.gateway_status_hook(self.namespace, self.name)
         return built
+
+    async def _resolve_pool(self, gateway: GatewayView) -> pools.Resolution | None:
+        """Where the document's `upstreams` come from: None (not there: the gateway's env
+        decides) unless the upstream is an InferencePool; then its ready pods' URLs, none
+        when it has no ready pod or is missing (the gateway answers 503: never traffic the
+        pool does not name)."""
+        name = gateway.inference_pool
+        if name is None:
+            return None
+        client = self.runtime.client
+        try:
+            pool = await client.get(INFERENCE_POOLS, self.namespace, name)
+            if pool is None:
+                if not await client.served(INFERENCE_POOLS, SETTINGS.discovery_ttl):
+                    return pools.not_served(name)
+                return pools.missing(name)
+            selector = dict(pools.PoolSpec.from_body(pool).selector)
+            members = await client.select(PODS, self.namespace, selector) if selector else []
+        except ApiError as exc:
+            previous = (self.document.upstreams if self.document is not None else None) or []
+            return pools.unreadable(name, exc.status, str(exc), previous)
+        return pools.resolve(name, pool, members)
 
     async def _read_back(self) -> None:
         secret = await self.runtime.client.get(
@@ -186,11 +226,12 @@ class ConfigWriter:
         await ensure(self.runtime.client, SECRETS, manifest, gateway.uid)
         self.writes += 1
         log.info(
-            "config %s/%s: version %s, %d keys",
+            "config %s/%s: version %s, %d keys%s",
             self.namespace,
             children.config_secret_name(self.name),
             version,
             len(config.keys),
+            "" if config.upstreams is None else f", {len(config.upstreams)} upstreams",
         )
         async with self._written:
             self.version, self.document = version, config

@@ -71,6 +71,7 @@ MATRIX: dict[str, dict[str, Any]] = {
             "service": {"type": "NodePort"},
         },
     },
+    "inference-pool": {"gateway": {"upstream": {"inferencePool": "vllm-pool"}}},
     "upstream-key": {
         "gateway": {
             "upstream": {"url": "https://vllm.llm.svc:8443/", "apiKeySecret": {"name": "vllm-key"}}
@@ -134,6 +135,11 @@ def test_replicas_from_dns_pull_secrets_and_service_type() -> None:
     urls = ["http://vllm-0:8000", "http://vllm-1:8000"]
     spec = one(render({"gateway": {"upstream": {"urls": urls}}}), "InferenceGateway")["spec"]
     assert spec["upstream"] == {"urls": urls}
+
+
+def test_an_inference_pool_wins_over_the_default_url() -> None:
+    spec = one(render(MATRIX["inference-pool"]), "InferenceGateway")["spec"]
+    assert spec["upstream"] == {"inferencePool": {"name": "vllm-pool"}}
 
 
 def test_default_images_are_the_operators_defaults() -> None:

@@ -51,6 +51,8 @@ KINDS = {
     "ConfigMap": ("v1", "configmaps"),
     "ServiceMonitor": ("monitoring.coreos.com/v1", "servicemonitors"),
     "Lease": ("coordination.k8s.io/v1", "leases"),
+    "Pod": ("v1", "pods"),
+    "InferencePool": ("inference.networking.k8s.io/v1", "inferencepools"),
 }
 
 

@@ -18,9 +18,10 @@ Strict where a real API server is strict (each marked `STRICT:`):
 - CRD schema and CEL validation on create and update (crd_validation.py, with the CRDs as
   they ship), and DNS name rules for Services (DNS-1035) and other objects.
 
-What stays unemulated (the `cluster` tests and kind/e2e.sh cover it): controllers (no pods,
-no readyReplicas unless a test writes them), defaulting, pruning of unknown fields,
-strategic-merge-patch list merging, label selectors.
+What stays unemulated (the `cluster` tests and kind/e2e.sh cover it): controllers (no pods
+unless a test creates them, no readyReplicas unless a test writes them), defaulting, pruning
+of unknown fields, strategic-merge-patch list merging, set-based label selectors (`in`,
+`notin`: refused with 400; equality and existence selectors are served).
 
 The emulator runs in a thread with its own event loop, so tests stay synchronous and the
 operator under test is a real process talking HTTP to it.
@@ -53,6 +54,10 @@ from k8s_rbac import RBAC, Attributes, Authorizer, User, service_account
 from kmock._internal import enums, parsing, rendering
 
 CRD_DIR = Path(__file__).resolve().parents[2] / "charts" / "tollgate" / "crds"
+# Third-party CRDs a user may have installed (never shipped by the chart): registered on
+# request, as on a cluster that has them.
+THIRD_PARTY_CRD_DIR = Path(__file__).resolve().parent / "third_party_crds"
+INFERENCE_POOL_CRD = THIRD_PARTY_CRD_DIR / "inferencepools.inference.networking.k8s.io.yaml"
 TEST_USER_AGENT = "tollgate-tests"
 # The tests (and kubectl in them) are cluster admins; every other client gets a token for
 # its own identity (EmulatorThread.token_for).
@@ -89,6 +94,9 @@ BUILTIN = [
     ("coordination.k8s.io/v1", "leases", "Lease", True),
 ]
 SERVICE_MONITOR = ("monitoring.coreos.com/v1", "servicemonitors", "ServiceMonitor", True)
+# Pods: created by the tests (no controller makes them), their status written through the
+# status subresource as a kubelet does.
+POD = ("v1", "pods", "Pod", True)
 ALL_VERBS = ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]
 
 
@@ -184,29 +192,31 @@ class Emulator(kmock.KubernetesEmulator):
 
     def register_crds(self, crd_dir: Path = CRD_DIR) -> list[dict[str, Any]]:
         """Register every CRD in the chart's crds/ folder, the files as they ship."""
-        crds = []
-        for path in sorted(crd_dir.glob("*.yaml")):
-            crd = yaml.safe_load(path.read_text())
-            spec = crd["spec"]
-            for version in spec["versions"]:
-                self.register(
-                    f"{spec['group']}/{version['name']}",
-                    spec["names"]["plural"],
-                    spec["names"]["kind"],
-                    spec["scope"] == "Namespaced",
-                    status="status" in version.get("subresources", {}),
-                    short_names=spec["names"].get("shortNames", ()),
-                    categories=spec["names"].get("categories", ()),
-                )
-                self._schemas[(spec["group"], spec["names"]["plural"])] = version["schema"][
-                    "openAPIV3Schema"
-                ]
-            crds.append(crd)
-        return crds
+        return [self.register_crd(path) for path in sorted(crd_dir.glob("*.yaml"))]
+
+    def register_crd(self, path: Path) -> dict[str, Any]:
+        """One CRD file: its kind served, its schema and CEL rules enforced on writes."""
+        crd: dict[str, Any] = yaml.safe_load(path.read_text())
+        spec = crd["spec"]
+        for version in spec["versions"]:
+            self.register(
+                f"{spec['group']}/{version['name']}",
+                spec["names"]["plural"],
+                spec["names"]["kind"],
+                spec["scope"] == "Namespaced",
+                status="status" in version.get("subresources", {}),
+                short_names=spec["names"].get("shortNames", ()),
+                categories=spec["names"].get("categories", ()),
+            )
+            self._schemas[(spec["group"], spec["names"]["plural"])] = version["schema"][
+                "openAPIV3Schema"
+            ]
+        return crd
 
     def register_builtins(self, *, service_monitor: bool = False) -> None:
         for entry in [*BUILTIN, *([SERVICE_MONITOR] if service_monitor else [])]:
             self.register(*entry)
+        self.register(*POD, status=True)
 
     # ---- discovery ----------------------------------------------------------------------
 
@@ -441,12 +451,13 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _list(self, request: rendering.Request, key: tuple[str, str]) -> dict[str, Any]:
         ns = self._ns(request, key)
+        labels = _label_selector(request)
         async with self._mutex:
             selector = _field_selector(request)
             items = [
                 o
                 for (n, _), o in self._store[key].items()
-                if (ns is None or n == ns) and _selected(o, selector)
+                if (ns is None or n == ns) and _selected(o, selector) and _labelled(o, labels)
             ]
             group_version, kind = self._kinds[key]
             # GAP: lists carried resourceVersion "..." (kopf then watches from nowhere).
@@ -708,6 +719,7 @@ class Emulator(kmock.KubernetesEmulator):
     ) -> AsyncIterator[dict[str, Any] | bytes]:
         ns = self._ns(request, key)
         selector = _field_selector(request)
+        labels = _label_selector(request)
         since = request.params.get("resourceVersion")
         timeout = float(request.params.get("timeoutSeconds") or 0) or None
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -727,9 +739,7 @@ class Emulator(kmock.KubernetesEmulator):
             yield b""  # send the headers now
             for event in backlog:
                 obj = event["object"]
-                if (ns is None or obj["metadata"].get("namespace") == ns) and _selected(
-                    obj, selector
-                ):
+                if _watched(obj, ns, selector, labels):
                     yield event
             loop = asyncio.get_running_loop()
             deadline = None if timeout is None else loop.time() + timeout
@@ -742,9 +752,7 @@ class Emulator(kmock.KubernetesEmulator):
                 except TimeoutError:
                     return
                 obj = event["object"]
-                if (ns is None or obj["metadata"].get("namespace") == ns) and _selected(
-                    obj, selector
-                ):
+                if _watched(obj, ns, selector, labels):
                     yield event
         finally:
             self._watchers[key].discard(queue)
@@ -767,6 +775,57 @@ def _field_selector(request: rendering.Request) -> dict[str, str]:
     raw = request.params.get("fieldSelector") or ""
     pairs = [part.split("=", 1) for part in raw.split(",") if "=" in part]
     return {k.strip(): v.strip().lstrip("=") for k, v in pairs}
+
+
+# One requirement of a label selector: (key, operator, value); operators "=", "!=",
+# "exists", "!exists".
+_Requirement = tuple[str, str, str]
+
+
+def _label_selector(request: rendering.Request) -> list[_Requirement]:
+    """GAP: `labelSelector` was ignored (every object listed). Equality (`a=b`, `a==b`,
+    `a!=b`) and existence (`a`, `!a`) requirements, ANDed; set-based ones are refused
+    rather than answered wrongly. (A watch does not turn an object that stops matching into
+    a DELETED event as the API server does: no client here watches by label.)"""
+    raw = request.params.get("labelSelector") or ""
+    found: list[_Requirement] = []
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        if " in " in part or " notin " in part or "(" in part:
+            raise _error(400, "BadRequest", f"set-based label selector not emulated: {part}")
+        if "!=" in part:
+            k, v = part.split("!=", 1)
+            found.append((k.strip(), "!=", v.strip()))
+        elif "=" in part:
+            k, v = part.replace("==", "=").split("=", 1)
+            found.append((k.strip(), "=", v.strip()))
+        elif part.startswith("!"):
+            found.append((part[1:].strip(), "!exists", ""))
+        else:
+            found.append((part, "exists", ""))
+    return found
+
+
+def _labelled(obj: dict[str, Any], requirements: list[_Requirement]) -> bool:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    for key, op, value in requirements:
+        if op == "=" and labels.get(key) != value:
+            return False
+        if op == "!=" and labels.get(key) == value:
+            return False
+        if op == "exists" and key not in labels:
+            return False
+        if op == "!exists" and key in labels:
+            return False
+    return True
+
+
+def _watched(
+    obj: dict[str, Any], ns: str | None, selector: dict[str, str], labels: list[_Requirement]
+) -> bool:
+    in_namespace = ns is None or obj["metadata"].get("namespace") == ns
+    return in_namespace and _selected(obj, selector) and _labelled(obj, labels)
 
 
 def _selected(obj: dict[str, Any], selector: dict[str, str]) -> bool:
@@ -797,10 +856,14 @@ def _merge_patch(target: Any, patch: Any) -> Any:
 class EmulatorThread:
     """Runs an Emulator on 127.0.0.1 in a background thread; `url` is its address."""
 
-    def __init__(self, *, service_monitor: bool = False) -> None:
+    def __init__(self, *, service_monitor: bool = False, inference_pool: bool = False) -> None:
+        """`service_monitor`, `inference_pool`: serve those third-party kinds, as if the
+        Prometheus operator or the Gateway API Inference Extension were installed."""
         self.emulator = Emulator()
         self.emulator.register_builtins(service_monitor=service_monitor)
         self.crds = self.emulator.register_crds()
+        if inference_pool:
+            self.emulator.register_crd(INFERENCE_POOL_CRD)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None

@@ -49,6 +49,16 @@ def test_the_operator_sets_only_contract_env_names() -> None:
     assert seen == env.ALL - {env.QUOTA_DB_SCHEMA}
 
 
+def test_an_inference_pool_upstream_sets_no_upstream_env() -> None:
+    """The document's `upstreams` name the replicas; an env URL beside them would only be
+    a second, stale answer (the gateway's own default VLLM_URL is replaced by them)."""
+    gw = _gateway(upstream={"inferencePool": {"name": "vllm"}, "sessionAffinity": "header"})
+    (container,) = children.gateway_deployment(gw)["spec"]["template"]["spec"]["containers"]
+    names = {e["name"] for e in container["env"]}
+    assert not names & {env.VLLM_URL, env.VLLM_URLS, env.VLLM_DNS_NAME}
+    assert env.GATEWAY_SESSION_AFFINITY in names and names <= env.ALL
+
+
 def test_config_secret_uses_the_contract_key() -> None:
     secret = children.config_secret(_gateway(), b"{}", "v1")
     assert list(secret["data"]) == [CONFIG_SECRET_KEY]

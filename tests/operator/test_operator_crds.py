@@ -8,13 +8,15 @@ on every write.
 from __future__ import annotations
 
 import copy
+import itertools
 from pathlib import Path
 from typing import Any
 
 import crd_validation
 import pytest
 import yaml
-from k8s_emulator import CRD_DIR
+from harness import Kube
+from k8s_emulator import CRD_DIR, INFERENCE_POOL_CRD, EmulatorThread
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CRDS = {
@@ -139,14 +141,17 @@ BAD = [
     ("QuotaPolicy", "spec", {}, "at least one limit"),
     ("InferenceGateway", "spec.upstream", _DELETE, "'upstream' is a required property"),
     ("InferenceGateway", "spec.upstream.url", "vllm:8000", "does not match"),
-    ("InferenceGateway", "spec.upstream", {}, "exactly one of url, urls or dnsName"),
+    ("InferenceGateway", "spec.upstream", {}, "exactly one of url, urls, dnsName or inferencePool"),
     (
         "InferenceGateway",
         "spec.upstream",
         {"url": "http://vllm:8000", "dnsName": "vllm-headless:8000"},
-        "exactly one of url, urls or dnsName",
+        "exactly one of url, urls, dnsName or inferencePool",
     ),
     ("InferenceGateway", "spec.upstream.dnsName", "vllm-headless", "does not match"),
+    ("InferenceGateway", "spec.upstream", {"inferencePool": {"name": "vllm"}}, None),
+    ("InferenceGateway", "spec.upstream", {"inferencePool": {}}, "'name' is a required"),
+    ("InferenceGateway", "spec.upstream", {"inferencePool": {"name": "V_1"}}, "does not match"),
     ("InferenceGateway", "spec.upstream.urls", [], "should be non-empty"),
     ("InferenceGateway", "spec.service", {"type": "ExternalName"}, "is not one of"),
     ("InferenceGateway", "spec.imagePullSecrets", [{"nam": "x"}], "'name' is a required"),
@@ -210,3 +215,93 @@ def test_the_scale_subresource_serves_an_hpa() -> None:
     assert scale["labelSelectorPath"] == ".status.selector"
     status = _schema("InferenceGateway")["properties"]["status"]["properties"]
     assert status["selector"]["type"] == "string"
+
+
+# ---- the upstream forms --------------------------------------------------------------------
+
+UPSTREAM_FORMS = {
+    "url": "http://vllm:8000",
+    "urls": ["http://vllm-0:8000", "http://vllm-1:8000"],
+    "dnsName": "vllm-headless:8000",
+    "inferencePool": {"name": "vllm"},
+}
+
+
+@pytest.mark.parametrize(
+    "forms",
+    [c for n in range(len(UPSTREAM_FORMS) + 1) for c in itertools.combinations(UPSTREAM_FORMS, n)],
+    ids=lambda c: "+".join(c) or "none",
+)
+def test_exactly_one_upstream_form_is_accepted(forms: tuple[str, ...]) -> None:
+    upstream = {form: UPSTREAM_FORMS[form] for form in forms}
+    errors = validate(_with("InferenceGateway", "spec.upstream", upstream))
+    if len(forms) == 1:
+        assert errors == []
+    else:
+        assert any("exactly one of url, urls, dnsName or inferencePool" in e for e in errors)
+
+
+# ---- the InferencePool CRD the tests install (third-party: never in the chart) -------------
+
+POOL_CRD = yaml.safe_load(INFERENCE_POOL_CRD.read_text())
+POOL_SCHEMA = POOL_CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def _pool(**spec: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "selector": {"matchLabels": {"app": "vllm"}},
+        "targetPorts": [{"number": 8000}],
+        "endpointPickerRef": {"name": "vllm-epp", "port": {"number": 9002}},
+    }
+    return {
+        "apiVersion": "inference.networking.k8s.io/v1",
+        "kind": "InferencePool",
+        "metadata": {"name": "vllm", "namespace": "llm"},
+        "spec": {**base, **spec},
+    }
+
+
+def test_the_inference_pool_crd_is_not_shipped_and_is_structural() -> None:
+    assert POOL_CRD["metadata"]["name"] == "inferencepools.inference.networking.k8s.io"
+    assert POOL_CRD["spec"]["group"] not in {c["spec"]["group"] for c in CRDS.values()}
+    assert not list(CRD_DIR.glob("*inference.networking*"))
+    assert _structural(POOL_SCHEMA) == []
+    for rule in crd_validation.cel_rules(POOL_SCHEMA):
+        crd_validation.compile_rule(rule)
+
+
+POOL_BAD = [
+    ({}, None),
+    ({"appProtocol": "kubernetes.io/h2c"}, None),
+    ({"targetPorts": [{"number": p} for p in range(8000, 8008)]}, None),
+    ({"targetPorts": [{"number": p} for p in range(8000, 8009)]}, "is too long"),
+    ({"targetPorts": []}, "should be non-empty"),
+    ({"targetPorts": [{"number": 8000}, {"number": 8000}]}, "port number must be unique"),
+    ({"targetPorts": [{"number": 0}]}, "less than the minimum of 1"),
+    ({"appProtocol": "grpc"}, "is not one of"),
+    ({"selector": {}}, "'matchLabels' is a required property"),
+    ({"endpointPickerRef": {"name": "epp"}}, "port is required when kind is 'Service'"),
+    ({"endpointPickerRef": {"name": "epp", "kind": "Pod"}}, None),
+]
+
+
+@pytest.mark.parametrize(("spec", "message"), POOL_BAD, ids=lambda v: str(v)[:40])
+def test_inference_pool_validation(spec: dict[str, Any], message: str | None) -> None:
+    errors = crd_validation.validate(POOL_SCHEMA, _pool(**spec))
+    if message is None:
+        assert errors == []
+    else:
+        assert any(message in e for e in errors), errors
+
+
+def test_the_emulator_enforces_the_inference_pool_schema() -> None:
+    with EmulatorThread(inference_pool=True) as cluster:
+        cluster.create_namespaces("llm")
+        kube = Kube(cluster.url)
+        bad = _pool(targetPorts=[{"number": 8000}, {"number": 8000}])
+        response = kube.http.post(
+            "/apis/inference.networking.k8s.io/v1/namespaces/llm/inferencepools", json=bad
+        )
+        assert response.status_code == 422, response.text
+        assert "port number must be unique" in response.json()["message"]
+        assert kube.apply(_pool())["metadata"]["uid"]

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from harness import Kube, Operator, wait_until
 from k8s_emulator import TEST_USER_AGENT, EmulatorThread
+from test_operator_inferencepool import inference_pool, model_pod, pool_gateway, upstreams
 from test_operator_reconcile import NS, apikey, gateway, key_names, policy
 
 from tollgate_operator import rbac
@@ -35,7 +36,9 @@ def used_access(cluster: EmulatorThread) -> dict[tuple[str, str], set[str]]:
     return used
 
 
-@pytest.mark.parametrize("cluster", [{"service_monitor": True}], indirect=True)
+@pytest.mark.parametrize(
+    "cluster", [{"service_monitor": True, "inference_pool": True}], indirect=True
+)
 def test_operator_uses_exactly_the_declared_access(
     cluster: EmulatorThread, kube: Kube, operator: Operator
 ) -> None:
@@ -96,6 +99,11 @@ def test_operator_uses_exactly_the_declared_access(
         kube.patch(kind, NS, "gpus-gpu-exporter", tamper)
     kube.patch("GPUExporter", NS, "gpus", {"spec": {"intervalSeconds": 10}})
     wait_until(lambda: _managed(kube.get("ServiceMonitor", NS, "gpus-gpu-exporter")))
+    # A second gateway on an InferencePool: the pool read, its pods listed by selector.
+    kube.apply(inference_pool())
+    model_pod(kube, "vllm-a", "10.0.0.1", ready=True)
+    kube.apply(pool_gateway(name="pooled"))
+    wait_until(lambda: upstreams(kube, "pooled") == ["http://10.0.0.1:8000"])
     kube.delete("QuotaPolicy", NS, "std")
     wait_until(lambda: key_names(kube) == set(), what="keys out once their policy is gone")
     # Drift: children deleted by hand come back (through the child watches).

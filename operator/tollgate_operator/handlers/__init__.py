@@ -14,9 +14,17 @@ import dataclasses
 
 import kopf
 
-from . import apikey, children, gateway, gpuexporter, lifecycle, quotapolicy
+from . import apikey, children, gateway, gpuexporter, inferencepool, lifecycle, quotapolicy
 
-__all__ = ["apikey", "children", "gateway", "gpuexporter", "lifecycle", "quotapolicy"]
+__all__ = [
+    "apikey",
+    "children",
+    "gateway",
+    "gpuexporter",
+    "inferencepool",
+    "lifecycle",
+    "quotapolicy",
+]
 
 
 def _without_finalizers(registry: kopf.OperatorRegistry) -> None:

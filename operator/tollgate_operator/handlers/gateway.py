@@ -6,6 +6,11 @@ and metrics Services, PodDisruptionBudget, NetworkPolicies, ServiceMonitor). The
 is poked on every spec change and on every event of a child the gateway owns
 (handlers/children.py), so a child deleted or edited by hand comes back within seconds.
 No finalizer: everything the gateway made goes with it by owner reference.
+
+Status is computed in one place (refresh_status): the gateway pods' readiness, the
+children, and for an InferencePool upstream the writer's last resolution of the pool
+(condition UpstreamResolved, status.upstreamEndpoints), refreshed by the writer whenever
+that resolution changes.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -36,6 +41,7 @@ from ..conditions import condition, merge_conditions
 from ..configdoc import GatewayView
 from ..converge import Converger
 from ..keys import decode
+from ..pools import Resolution
 from ..reconcile import NotOurs, ensure, plain, remove
 from ..runtime import GatewayKey, Runtime
 from ..settings import GROUP, SETTINGS, VERSION
@@ -44,6 +50,8 @@ from ..usage import DayUsage
 from ..writer import ConfigWriter
 
 log = logging.getLogger(__name__)
+# Whether the InferencePool upstream resolved (only on gateways whose upstream is a pool).
+UPSTREAM_CONDITION = "UpstreamResolved"
 _errors: dict[GatewayKey, str] = {}  # last reconcile error per gateway, for status
 _usage_errors: dict[GatewayKey, str] = {}  # last usage read error, logged once
 
@@ -262,6 +270,8 @@ async def refresh_status(
         body = await runtime.client.get(GATEWAYS, namespace, name)
     missing = await missing_secrets(runtime, body) if body is not None else []
     error = _errors.get(GatewayKey(namespace, name))
+    writer = runtime.writers.get(GatewayKey(namespace, name))
+    resolution = writer.resolution if writer is not None else None
 
     def compute(body: dict[str, Any]) -> dict[str, Any]:
         generation = int(body["metadata"].get("generation") or 1)
@@ -292,14 +302,49 @@ async def refresh_status(
         selector = ",".join(
             f"{k}={v}" for k, v in children.selector_labels("gateway", name).items()
         )
+        wanted = [available, reconciled]
+        endpoints, upstream = _upstream_status(body, resolution)
+        if upstream is not None:
+            wanted.append(upstream)
         return {
             "observedGeneration": generation,
             "replicas": int((dep_status or {}).get("replicas") or 0),
             "readyReplicas": ready,
             "selector": selector,
-            "conditions": merge_conditions(
-                current.get("conditions"), [available, reconciled], generation
-            ),
+            "upstreamEndpoints": endpoints,
+            "conditions": merge_conditions(current.get("conditions"), wanted, generation),
         }
 
-    await write_status(runtime, GATEWAYS, namespace, name, compute, body=given)
+    seen = await write_status(runtime, GATEWAYS, namespace, name, compute, body=given)
+    if seen is not None and resolution is not None:
+        was = _condition(seen, UPSTREAM_CONDITION).get("reason")
+        if was != resolution.reason:
+            kopf.event(
+                cast(kopf.Body, seen),
+                type="Normal" if resolution.resolved else "Warning",
+                reason=resolution.reason,
+                message=resolution.message,
+            )
+
+
+def _upstream_status(
+    body: dict[str, Any], resolution: Resolution | None
+) -> tuple[int | None, dict[str, Any] | None]:
+    """(status.upstreamEndpoints, the UpstreamResolved condition) of a gateway whose
+    upstream is an InferencePool; (None, None) for any other. Before the writer's first
+    pass since a start, what status already says is kept (no flapping write)."""
+    if not ((body.get("spec") or {}).get("upstream") or {}).get("inferencePool"):
+        return None, None
+    if resolution is not None:
+        ok, reason, message = resolution.resolved, resolution.reason, resolution.message
+        return len(resolution.upstreams), condition(UPSTREAM_CONDITION, ok, reason, message)
+    old = _condition(body, UPSTREAM_CONDITION)
+    if not old:
+        return None, None
+    kept: dict[str, Any] = {k: old[k] for k in ("type", "status", "reason", "message") if k in old}
+    return (body.get("status") or {}).get("upstreamEndpoints"), kept
+
+
+def _condition(body: dict[str, Any], type_: str) -> dict[str, Any]:
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c.get("type") == type_), {})

@@ -13,7 +13,7 @@ from ..database_secret import PostgresSecret
 from ..database_secret import ensure as ensure_postgres_secret
 from ..runtime import Runtime
 from ..settings import FINALIZER, GROUP
-from . import apikey
+from . import apikey, gateway
 
 
 @kopf.on.startup()
@@ -42,7 +42,11 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     async def refresh_keys(namespace: str, names: Iterable[str]) -> None:
         await apikey.refresh_many(runtime, namespace, names)
 
+    async def refresh_gateway(namespace: str, name: str) -> None:
+        await gateway.refresh_status(runtime, namespace, name)
+
     runtime.key_status_hook = refresh_keys
+    runtime.gateway_status_hook = refresh_gateway
     memo.runtime = runtime
 
 

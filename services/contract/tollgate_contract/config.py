@@ -38,6 +38,7 @@ a pool with no ready pod.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import re
 from datetime import datetime
@@ -54,6 +55,20 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # A replica's base URL: scheme, host (a name, IPv4 or [IPv6]) and port, nothing more.
 _BASE_URL = re.compile(r"^https?://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}$")
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$"
+
+
+def replica_url(address: str, port: int) -> str | None:
+    """A replica's base URL from an address the cluster gave (a pod IP, a DNS answer), in
+    the form `upstreams` requires: an IPv6 address in brackets. None for what is not a
+    plain IP (a zone is no pod address, and no valid URL host)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        return None
+    host = f"[{ip.compressed}]" if ip.version == 6 else ip.compressed
+    return f"http://{host}:{port}"
 
 
 class _Model(BaseModel):

@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import enum
 import hashlib
-import ipaddress
 import json
 import logging
 import random
@@ -45,6 +44,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from time import monotonic, perf_counter
 from typing import NamedTuple
 
+from tollgate_contract.config import replica_url
 from tollgate_gateway import errors, h1client
 from tollgate_gateway.breaker import CircuitBreaker, State
 from tollgate_gateway.errors import Refusal
@@ -538,7 +538,9 @@ class UpstreamPool:
         self.dns_refreshes["ok"] += 1
         if not addresses:
             return  # an empty answer is more likely a glitch than a scale-to-zero
-        joined = self._replace([_base(address, port) for address in addresses], "dns")
+        joined = self._replace(
+            [url for a in addresses if (url := replica_url(a, port)) is not None], "dns"
+        )
         await asyncio.gather(*(self._check(u) for u in joined))
         if joined:
             self._on_models()
@@ -575,8 +577,3 @@ class UpstreamPool:
         while True:
             await asyncio.sleep(self.settings.vllm_dns_refresh_seconds)
             await self.refresh_dns()
-
-
-def _base(address: str, port: int) -> str:
-    host = f"[{address}]" if ipaddress.ip_address(address).version == 6 else address
-    return f"http://{host}:{port}"

@@ -5,13 +5,18 @@ Four `tollgate-sim` replicas are shaped like a small vLLM engine: 8 sequences at
 wait), a prefix cache of 4096 blocks of 16 tokens, 10 ms to first token plus 60 ms per
 1000 prompt tokens not in the cache, 5 ms per output token. Per routing mode one gateway
 fronts all four, and every workload streams chat completions (max_tokens 16, so time to
-first token dominates) at a concurrency above the replicas' 32 batch places:
+first token dominates). A replica computes one prefill after another, so what saturates
+first is prefill, not the 32 batch places; (a) and (b) run at a load the scorer's routing
+keeps below that (prefill work about half of the four replicas' capacity), which is where
+a router decides the tail, (c) above the batch places:
 
-- (a) multi-turn chats: one session per concurrent client (arriving 10 ms apart), each
-  with its own ~1500-word system prompt, 6 turns, the history resent each turn (a prefix
-  the cache can hold, if the session's turns land on the replica that saw the previous one);
-- (b) a mix: 1 prompt in 5 long (~3000 words, each distinct), the rest short (~20 words);
-- (c) uniform short prompts (~20 words).
+- (a) 16 multi-turn chats at once (arriving 50 ms apart), each with its own ~1500-word
+  system prompt, 6 turns, the history resent each turn (a prefix the cache can hold, if
+  the session's turns land on the replica that saw the previous one): a cold turn costs
+  about 90 ms of prefill, a warm one 2;
+- (b) 12 clients, 1 prompt in 5 long (~3000 words, each distinct: 180 ms of prefill), the
+  rest short (~20 words);
+- (c) 48 clients, uniform short prompts (~20 words).
 
 Printed per workload and mode: requests, throughput, time to first content byte p50 and p99,
 the prefix-cache hit rate summed over the four replicas (their vllm:prefix_cache_hits_total
@@ -55,7 +60,7 @@ FAIR_MAX_TOKENS = 64
 SHORT_WORDS, LONG_WORDS, SYSTEM_WORDS = 20, 3000, 1500
 # (a)'s sessions arrive this far apart, so their cold first turns are not one burst that
 # alone decides the p99 in both modes.
-ARRIVAL_S = 0.01
+ARRIVAL_S = 0.05
 
 Messages = list[dict[str, str]]
 
@@ -272,7 +277,9 @@ async def fairness(url: str, light_c: int, light_n: int) -> Fairness:
 
 @dataclass
 class Sizes:
-    concurrency: int
+    concurrency: int  # (c) and the fairness run's heavy key (10 x light_c)
+    sessions: int  # (a)
+    mix_concurrency: int  # (b)
     turns: int
     requests: int
     light_c: int
@@ -294,8 +301,8 @@ def run_mode(mode: str, sims: list[str], tmp: str, sizes: Sizes) -> tuple[list[R
         env["GATEWAY_UPSTREAM_MAX_IN_FLIGHT"] = str(MAX_NUM_SEQS)
     c = sizes.concurrency
     workloads: list[Callable[[str], Coroutine[Any, Any, Run]]] = [
-        lambda url: chats(url, c, sizes.turns),
-        lambda url: prompts_through(url, mixed(sizes.requests), c),
+        lambda url: chats(url, sizes.sessions, sizes.turns),
+        lambda url: prompts_through(url, mixed(sizes.requests), sizes.mix_concurrency),
         lambda url: prompts_through(url, short(sizes.requests, "u"), c),
     ]
     with gateway_process(env) as (url, _):
@@ -315,9 +322,9 @@ def run_mode(mode: str, sims: list[str], tmp: str, sizes: Sizes) -> tuple[list[R
 
 def report(modes: list[str], results: list[tuple[list[Run], Fairness]], sizes: Sizes) -> None:
     names = [
-        f"(a) chats {sizes.concurrency}x{sizes.turns}",
-        "(b) 1 in 5 long",
-        "(c) uniform short",
+        f"(a) chats {sizes.sessions}x{sizes.turns}",
+        f"(b) 1/5 long, c={sizes.mix_concurrency}",
+        f"(c) short, c={sizes.concurrency}",
     ]
     header = (
         f"{'workload':<22}{'mode':<10}{'req':>6}{'req/s':>8}{'TTFT p50':>10}{'p99 ms':>9}"
@@ -375,20 +382,22 @@ def main() -> None:
         help="GATEWAY_ROUTING values, comma-separated, in order; +queue adds the fair queues"
         " (GATEWAY_UPSTREAM_MAX_IN_FLIGHT at the replicas' batch size)",
     )
-    parser.add_argument("--concurrency", type=int, default=48, help="also (a)'s sessions")
+    parser.add_argument("--concurrency", type=int, default=48, help="(c)'s clients")
+    parser.add_argument("--sessions", type=int, default=16, help="(a)'s chats at once")
+    parser.add_argument("--mix-concurrency", type=int, default=12, help="(b)'s clients")
     args = parser.parse_args()
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
-    c = args.concurrency
+    c, chats_c, mix_c = args.concurrency, args.sessions, args.mix_concurrency
     if args.quick:
-        sizes = Sizes(c, turns=3, requests=2 * c, light_c=4, light_n=16)
+        sizes = Sizes(c, chats_c, mix_c, turns=3, requests=2 * c, light_c=4, light_n=16)
     else:
-        sizes = Sizes(c, turns=6, requests=8 * c, light_c=4, light_n=80)
+        sizes = Sizes(c, chats_c, mix_c, turns=6, requests=8 * c, light_c=4, light_n=80)
     results = []
     with tempfile.TemporaryDirectory() as tmp, simulators() as sims:
         for mode in modes:
             results.append(run_mode(mode, sims, tmp, sizes))
     print(
-        f"{REPLICAS} replicas: {' '.join(SIM_SHAPE)}\nconcurrency {c}, max_tokens {MAX_TOKENS},"
+        f"{REPLICAS} replicas: {' '.join(SIM_SHAPE)}\nmax_tokens {MAX_TOKENS},"
         f" modes {', '.join(modes)}\n"
     )
     report(modes, results, sizes)

@@ -1,16 +1,18 @@
 """The prefill cost: time to first token grows with the prompt tokens the prefix cache did
-not hold (`prefill_ms_per_1k_tokens`), so a prefix-aware router's wins show in timings.
+not hold (`prefill_ms_per_1k_tokens`), computed one prefill after another per replica, so a
+prefix- and load-aware router's wins show in timings.
 
 Every bound below is a sleep's lower bound or a gap of hundreds of milliseconds, so a slow
 machine cannot make a test pass or fail by its speed."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 
 import httpx
-from servers import Sim
+from servers import Sim, scaled
 from test_engine import metric
 
 
@@ -73,3 +75,31 @@ def test_prefill_is_set_at_run_time_and_per_request(start: Callable[..., Sim]) -
     assert first_token_s(sim, words(2000, "s")) >= 0.6
     refused = httpx.post(sim.url + "/sim/config", json={"prefill_ms_per_1k_tokens": -1})
     assert refused.status_code == 400 and "delays must be >= 0" in refused.text
+
+
+def test_a_short_prompt_behind_a_long_one_waits_for_its_prefill(
+    start: Callable[..., Sim],
+) -> None:
+    """One GPU computes one prefill after another: a short prompt admitted while a long
+    one is being computed gets its first token after the long one's, not 1.5 s before."""
+    sim = start("--prefill-ms-per-1k-tokens", "500")  # 3000 tokens: 1.5 s, 20: 10 ms
+    firsts: dict[str, float] = {}
+
+    def send(name: str, prompt: str) -> None:
+        began = time.monotonic()
+        firsts[name] = began + first_token_s(sim, prompt)
+
+    long = threading.Thread(target=send, args=("long", words(3000, "long")))
+    long.start()
+    try:
+        deadline = time.monotonic() + scaled(30)
+        while metric(sim, "vllm:num_requests_running") != 1.0:
+            assert time.monotonic() < deadline, "the long prompt was never admitted"
+            time.sleep(0.01)
+        send("short", words(20, "short"))
+    finally:
+        long.join(scaled(60))
+    # Before the short one's first token comes the long one's (0.1 s for the threads).
+    assert firsts["short"] >= firsts["long"] - 0.1, firsts
+    # A prompt alone again is fast: the wait was for the other prefill.
+    assert first_token_s(sim, words(20, "again")) < 1.0

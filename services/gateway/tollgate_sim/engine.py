@@ -40,6 +40,8 @@ class Engine:
     prefix_queries: int = 0
     prefix_hits: int = 0
     preemptions: int = 0
+    # When (loop time) the prefills started so far are computed: one at a time, in order.
+    prefill_until: float = 0.0
     success: Counter[str] = field(default_factory=Counter)
     lora_running: Counter[str] = field(default_factory=Counter)
     lora_waiting: Counter[str] = field(default_factory=Counter)
@@ -81,6 +83,16 @@ class Engine:
         if words is not None and knobs.prefix_cache_blocks:
             slot.cached_tokens = self._prefix(knobs, words, lora)
         return slot
+
+    def prefill(self, seconds: float, now: float) -> float:
+        """Seconds from `now` until a prefill of `seconds` of compute is done, after every
+        prefill started before it. The GPU runs one engine step at a time, and vLLM's
+        scheduler fills each step's token budget with the running requests' prefill chunks
+        first, in arrival order: a short prompt behind a long one gets its first token about
+        when the long one does. (An abandoned request's compute is not given back.)"""
+        start = max(now, self.prefill_until)
+        self.prefill_until = start + seconds
+        return self.prefill_until - now
 
     def _start(self, slot: Slot) -> None:
         self.running += slot.seqs

@@ -3,9 +3,10 @@ time to first token, tokens at the inter-token latency, cut and cancelled stream
 stats. Routes differ only in their Renderer, which turns tokens into their wire format.
 
 Time to first token is `ttft_ms`, shortened by the prefix cache's share of the prompt, plus
-a prefill cost per prompt token the cache did not hold (`prefill_ms_per_1k_tokens`): in
-vLLM a long uncached prompt is what makes a first token late, and a cache hit is what a
-prefix-aware router wins, so both must show in the simulator's timings.
+a prefill cost per prompt token the cache did not hold (`prefill_ms_per_1k_tokens`),
+computed in turn with the replica's other prefills: in vLLM a long uncached prompt is what
+makes a first token late (its own, and those of the prompts that arrive behind it), and a
+cache hit is what a prefix-aware router wins, so both must show in the simulator's timings.
 
 With no delays a whole stream leaves in one `write`; with delays each event is its own
 chunked-encoding chunk, as uvicorn sends them. The client leaving cancels the task, so a
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from tollgate_sim import http
+from tollgate_sim.engine import Engine
 from tollgate_sim.errors import ApiError
 from tollgate_sim.exchange import Exchange
 from tollgate_sim.knobs import Knobs
@@ -94,16 +96,24 @@ class Renderer:
             yield False, event
 
 
-def first_token_ms(knobs: Knobs, prompt_tokens: int, cached_tokens: int) -> float:
-    """Milliseconds from admission to the first token: `ttft_ms`, less the cached share of
-    the prompt, plus the prefill of the `prompt_tokens - cached_tokens` computed."""
+def first_token_ms(knobs: Knobs, prompt_tokens: int, cached_tokens: int) -> tuple[float, float]:
+    """Milliseconds from admission to the first token, as (`ttft_ms` less the cached share
+    of the prompt: the request's own; the prefill of the `prompt_tokens - cached_tokens`
+    computed: in turn with the replica's other prefills, `Engine.prefill`)."""
     ttft = knobs.ttft_ms
     if ttft and cached_tokens:
         ttft *= 1 - cached_tokens / prompt_tokens
-    prefill = knobs.prefill_ms_per_1k_tokens
+    prefill = knobs.prefill_ms_per_1k_tokens * (prompt_tokens - cached_tokens) / 1000
+    return ttft, prefill
+
+
+async def wait_first_token(engine: Engine, knobs: Knobs, prompt_tokens: int, cached: int) -> None:
+    own, prefill = first_token_ms(knobs, prompt_tokens, cached)
+    delay = own / 1000
     if prefill:
-        ttft += prefill * (prompt_tokens - cached_tokens) / 1000
-    return ttft
+        delay += engine.prefill(prefill / 1000, asyncio.get_running_loop().time())
+    if delay:
+        await asyncio.sleep(delay)
 
 
 def pick_fault(ex: Exchange) -> str:
@@ -141,9 +151,7 @@ async def generate(ex: Exchange, plan: Plan, render: Renderer) -> None:
         stats.prompt_tokens_processed += plan.prompt_tokens
         engine.prompt_tokens += plan.prompt_tokens
         plan.cached_tokens = slot.cached_tokens
-        ttft = first_token_ms(knobs, plan.prompt_tokens, slot.cached_tokens)
-        if ttft:
-            await asyncio.sleep(ttft / 1000)
+        await wait_first_token(engine, knobs, plan.prompt_tokens, slot.cached_tokens)
         if not plan.stream:
             produced = plan.choices * plan.max_tokens
             stats.tokens_sent += produced
@@ -232,9 +240,7 @@ async def answer(ex: Exchange, plan: Plan, body: bytes) -> None:
         slot = await engine.admit(state.knobs, 1, plan.prompt_tokens, plan.lora, None)
         stats.prompt_tokens_processed += plan.prompt_tokens
         engine.prompt_tokens += plan.prompt_tokens
-        delay = first_token_ms(ex.knobs, plan.prompt_tokens, 0)
-        if delay:
-            await asyncio.sleep(delay / 1000)
+        await wait_first_token(engine, ex.knobs, plan.prompt_tokens, 0)
         stats.prompt_tokens += plan.prompt_tokens
         ex.send(200, body)
         stats.completed += 1

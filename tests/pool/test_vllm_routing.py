@@ -91,3 +91,63 @@ def test_a_conversation_returns_to_the_replica_with_its_prefix(make_sim, make_ga
         assert _chat(gw.url, other).status_code == 200
     assert sum(s.stats()["requests"] for s in sims) == 12
     assert sorted(s.stats()["requests"] for s in sims)[-1] >= 8
+
+
+def _metric(url: str, name: str) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+def _stream(url: str, content: str, max_tokens: int) -> None:
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "stream": True}  # fmt: skip
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=AUTH,
+                      timeout=scaled(60)) as answer:  # fmt: skip
+        assert answer.status_code == 200
+        for _ in answer.iter_bytes():
+            pass
+
+
+def test_short_prompts_go_around_a_replica_busy_with_a_long_prefill(make_sim, make_gateway) -> None:
+    """A replica computes one prefill after another. Both replicas have one request in
+    flight (equal queues), one still computing a long prompt, the other generating a long
+    answer (so its KV use is the higher): short prompts go to the latter."""
+    shape = ("--prefill-ms-per-1k-tokens", "2000", "--itl-ms", "2")  # 3000 tokens: 6 s
+    sims = [make_sim(*shape) for _ in range(2)]
+    gw = make_gateway(
+        sims[0].url,
+        VLLM_URLS=",".join(s.url for s in sims),
+        GATEWAY_ROUTING="vllm",
+        GATEWAY_ROUTING_SCRAPE_SECONDS="0.1",
+    )
+    long_prompt = " ".join(f"w{i}" for i in range(3000))
+    with ThreadPoolExecutor(2) as pool:
+        prefilling = pool.submit(_stream, gw.url, long_prompt, 4)
+        gw.wait_for(
+            lambda: sum(s.stats()["requests"] for s in sims) == 1, "the long prompt to be sent"
+        )
+        generating = pool.submit(_stream, gw.url, "go on", 4000)  # 8 s of tokens
+        gw.wait_for(
+            lambda: all(_metric(s.url, "vllm:num_requests_running") == 1 for s in sims),
+            "a request running on each replica",
+        )
+        busy = max(sims, key=lambda s: _metric(s.url, "vllm:prompt_tokens_total"))
+        other = next(s for s in sims if s is not busy)
+        gw.wait_for(
+            lambda: (_gauge(gw.url, "tollgate_upstream_vllm_kv_cache_usage",
+                            upstream=other.url.removeprefix("http://")) or 0) > 0,
+            "the gateway to read the generating replica's KV use",
+        )  # fmt: skip
+        before = other.stats()["requests"]
+        codes = [_chat(gw.url, [{"role": "user", "content": f"hi {i}"}]).status_code
+                 for i in range(5)]  # fmt: skip
+        to_other = other.stats()["requests"] - before
+        prefilling.result(scaled(60))
+        generating.result(scaled(60))
+    assert codes == [200] * 5
+    # Counting queues and KV use alone, the prefilling replica looks the better one.
+    assert to_other == 5, to_other

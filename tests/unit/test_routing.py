@@ -15,6 +15,7 @@ from tollgate_gateway.routing import (
     Weights,
     parse_load,
     prefix_blocks,
+    uncached,
 )
 
 VLLM_METRICS = b"""# HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -78,6 +79,7 @@ class Replica:
     inflight: int = 0
     load: ReplicaLoad | None = None
     inflight_at_load: int = 0
+    prefilling: int = 0
 
 
 def _load(running: float = 0, waiting: float = 0, kv: float = 0, loras=(), at=100.0):
@@ -142,3 +144,32 @@ def test_a_loaded_lora_adapter_is_a_bonus() -> None:
         "http://has",
         "http://lacks",
     }
+
+
+def test_a_replica_computing_a_long_prompt_loses_a_short_one() -> None:
+    """Equal queues; the one computing 24 KiB of prompt loses although its KV use is lower."""
+    computing = Replica("http://computing", inflight=1, load=_load(running=1, kv=0.05))
+    generating = Replica("http://generating", inflight=1, load=_load(running=1, kv=0.3))
+    computing.prefilling = 24 * 1024
+    assert _scorer().rank([computing, generating], [], None, size=200)[0] is generating
+    assert _scorer(prefill=0).rank([computing, generating], [], None, size=200)[0] is computing
+
+
+def test_small_prefill_differences_do_not_outweigh_the_queue() -> None:
+    """Uniform short prompts: a few hundred bytes in flight count for little."""
+    shorter = Replica("http://shorter", inflight=1, load=_load(running=1), prefilling=400)
+    longer = Replica("http://longer", inflight=3, load=_load(running=3), prefilling=0)
+    assert _scorer().rank([shorter, longer], [], None, size=200)[0] is shorter
+
+
+def test_the_prefix_a_replica_holds_is_not_its_work() -> None:
+    """A long conversation's next turn: the replica holding all but its last block has a
+    block to compute, the others the whole body."""
+    warm = Replica("http://warm", load=_load(running=2))
+    cold = Replica("http://cold", load=_load(running=2))
+    scorer = _scorer(prefix=0)
+    body = b"h" * 40 * BLOCK_BYTES
+    blocks = prefix_blocks(body)
+    scorer.chosen(warm, blocks[:39])
+    assert scorer.rank([cold, warm], blocks, None, size=len(body))[0] is warm
+    assert uncached(len(body), scorer.depth("http://warm", blocks)) == BLOCK_BYTES

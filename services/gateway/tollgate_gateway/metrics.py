@@ -306,10 +306,19 @@ class StateCollector(Collector):
                 ("kv_usage", "kv_cache_usage", "KV-cache use (0 to 1)"),
             )
         }
+        prefill = GaugeMetricFamily(
+            "tollgate_upstream_prefill_bytes",
+            "Prompt bytes sent to the replica to compute that have no answer byte yet"
+            " (the vllm scorer's prefill work; GATEWAY_ROUTING=vllm).",
+            labels=["upstream"],
+        )
+        scored = self.pool.scorer is not None
         for u in upstreams:
             if u.load is not None:
                 for field, family in vllm.items():
                     family.add_metric([u.name], getattr(u.load, field))
+            if scored:
+                prefill.add_metric([u.name], u.prefilling)
             up.add_metric([u.name], 1 if u.healthy else 0)
             inflight.add_metric([u.name], u.inflight)
             sent.add_metric([u.name], u.requests)
@@ -319,6 +328,8 @@ class StateCollector(Collector):
             for (old, new), count in u.breaker.transitions.items():
                 transitions.add_metric([u.name, old, new], count)
         yield from (up, inflight, sent, state, transitions, *vllm.values())
+        if scored:
+            yield prefill
         yield CounterMetricFamily(
             "tollgate_upstream_retries",
             "Requests sent again to another replica after failing before any response byte.",

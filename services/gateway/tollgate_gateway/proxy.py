@@ -326,7 +326,7 @@ class Proxy:
         attempt: Attempt | None = None
         try:
             while True:
-                attempt = self.pool.attempt(upstream)
+                attempt = self.pool.attempt(upstream, out.body)
                 outcome = Outcome.ABANDONED
                 can_retry = not retried and len(self.pool.upstreams) > 1
                 try:

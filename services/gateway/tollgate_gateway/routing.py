@@ -7,10 +7,12 @@ Extension's endpoint picker does, the gateway reads each replica's own vLLM `/me
 on a short interval (`parse_load`: requests running and waiting, KV-cache use, LoRA
 adapters loaded) and scores every candidate (`Scorer.rank`), highest first:
 
-    weights.queue  * (1 - its queue, scaled between the candidates' least and most)
-  + weights.kv     * (1 - its KV-cache use)
-  + weights.prefix * (the share of the request's leading blocks it served last)
-  + weights.lora   * (1 if the requested LoRA adapter is loaded on it)
+    weights.queue   * (1 - its queue, scaled between the candidates' least and most)
+  + weights.kv      * (1 - its KV-cache use)
+  + weights.prefix  * (the share of the request's leading blocks it served last)
+  + weights.prefill * (1 - its prefill work, scaled between the least and most, over at
+                       least PREFILL_SCALE bytes)
+  + weights.lora    * (1 if the requested LoRA adapter is loaded on it)
 
 The queue is what other clients had running and waiting on the replica at its last
 scrape (what it reported, less this gateway's requests then) plus this gateway's
@@ -21,6 +23,14 @@ tokenizer: the request body's leading bytes, in blocks, are hashed as a chain (a
 matches only after the same prefix, as vLLM's block hashes do), and the `PrefixIndex`
 remembers which replica last took each block. Clients append turns at the end of
 `messages`, so a conversation's next request shares its body's prefix with the last one.
+
+The prefill term is what a queue count cannot see: a replica computes one prefill after
+another, so a short prompt sent behind a long one waits for it. A replica's prefill work
+is the request's own bytes it would compute (the body less the prefix it holds) plus the
+bytes this gateway sent it that have not had their first answer byte yet (each charged the
+same way when sent: `Upstream.prefilling`). Bytes stand in for tokens; PREFILL_SCALE keeps
+small differences (uniform short prompts) from outweighing the queue.
+
 The choice is O(replicas + blocks).
 """
 
@@ -39,6 +49,8 @@ from typing import Protocol, TypeVar
 BLOCK_BYTES = 256
 MAX_BLOCKS = 256
 INDEX_BLOCKS = 65536
+# Prefill work differences below this many bytes (a few thousand tokens) count in part.
+PREFILL_SCALE = 16384
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,17 +58,21 @@ class Weights:
     queue: float = 2.0
     kv: float = 2.0
     prefix: float = 3.0
+    prefill: float = 3.0
     lora: float = 1.0
 
     @classmethod
     def parse(cls, text: str) -> Weights:
-        """`queue=2,kv=2,prefix=3,lora=1` (any subset; the rest keep their default)."""
+        """`queue=2,kv=2,prefix=3,prefill=3,lora=1` (any subset; the rest keep their
+        default)."""
         values: dict[str, float] = {}
         for part in filter(None, (p.strip() for p in text.split(","))):
             name, sep, raw = part.partition("=")
             name = name.strip()
             if not sep or name not in cls.__dataclass_fields__:
-                raise ValueError(f"{part!r}: expected name=weight, names queue, kv, prefix, lora")
+                raise ValueError(
+                    f"{part!r}: expected name=weight, names queue, kv, prefix, prefill, lora"
+                )
             value = float(raw)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{part!r}: a weight is a number >= 0")
@@ -136,6 +152,12 @@ def prefix_blocks(body: bytes) -> list[int]:
     return hashes
 
 
+def uncached(size: int, depth: int) -> int:
+    """The bytes of a `size`-byte body a replica holding its first `depth` blocks would
+    compute."""
+    return max(0, size - depth * BLOCK_BYTES)
+
+
 class PrefixIndex:
     """Which replica last took each prefix block: an LRU of `capacity` blocks."""
 
@@ -173,6 +195,7 @@ class Candidate(Protocol):
     inflight: int
     load: ReplicaLoad | None
     inflight_at_load: int
+    prefilling: int
 
 
 C = TypeVar("C", bound=Candidate)
@@ -191,15 +214,18 @@ class Scorer:
         self.index = index or PrefixIndex()
         self._clock = clock
 
-    def rank(self, candidates: Sequence[C], blocks: Sequence[int], lora: str | None) -> list[C]:
-        """The candidates, best first."""
+    def rank(
+        self, candidates: Sequence[C], blocks: Sequence[int], lora: str | None, size: int = 0
+    ) -> list[C]:
+        """The candidates, best first; `size`: the request body's bytes."""
         if len(candidates) < 2:
             return list(candidates)
         now = self._clock()
         w = self.weights
-        depths = self.index.depths(blocks) if blocks and w.prefix else {}
+        depths = self.index.depths(blocks) if blocks and (w.prefix or w.prefill) else {}
         queues: list[float] = []
         kvs: list[float] = []
+        works: list[int] = []
         for c in candidates:
             load = c.load
             if load is not None and now - load.at <= self.stale_after:
@@ -210,19 +236,27 @@ class Scorer:
             else:
                 queues.append(float(c.inflight))
                 kvs.append(0.5)
+            works.append(c.prefilling + uncached(size, depths.get(c.base, 0)))
         low, high = min(queues), max(queues)
         spread = high - low
+        least = min(works)
+        work_spread = max(max(works) - least, PREFILL_SCALE)
         scored = []
-        for c, queue, kv in zip(candidates, queues, kvs, strict=True):
+        for c, queue, kv, work in zip(candidates, queues, kvs, works, strict=True):
             score = w.queue * (1 - (queue - low) / spread if spread else 1.0)
             score += w.kv * (1 - kv)
-            if depths:
+            score += w.prefill * (1 - (work - least) / work_spread)
+            if depths and w.prefix:
                 score += w.prefix * depths.get(c.base, 0) / len(blocks)
             if lora is not None and c.load is not None and lora in c.load.loras:
                 score += w.lora
             scored.append((-score, queue, random.random(), c))
         scored.sort(key=lambda entry: entry[:3])
         return [entry[3] for entry in scored]
+
+    def depth(self, base: str, blocks: Sequence[int]) -> int:
+        """How many of the request's leading blocks `base` took last."""
+        return self.index.depths(blocks).get(base, 0) if blocks else 0
 
     def chosen(self, candidate: Candidate, blocks: Sequence[int]) -> None:
         """The request went to `candidate`: its prefix is there now."""

@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     # own count) or `vllm` (every replica scored by its own vLLM /metrics, read every
     # `scrape` seconds, and by prefix-cache affinity: routing.py), with these weights.
     gateway_routing: Literal["p2c", "vllm"] = "p2c"
-    gateway_routing_weights: str = "queue=2,kv=2,prefix=3,lora=1"
+    gateway_routing_weights: str = "queue=2,kv=2,prefix=3,prefill=3,lora=1"
     gateway_routing_scrape_seconds: Seconds = 0.25
     # When set, /v1/models answers with this one model instead of asking the upstream.
     served_model_name: str | None = None

@@ -48,7 +48,14 @@ from tollgate_contract.config import replica_url
 from tollgate_gateway import errors, h1client
 from tollgate_gateway.breaker import CircuitBreaker, State
 from tollgate_gateway.errors import Refusal
-from tollgate_gateway.routing import ReplicaLoad, Scorer, Weights, parse_load, prefix_blocks
+from tollgate_gateway.routing import (
+    ReplicaLoad,
+    Scorer,
+    Weights,
+    parse_load,
+    prefix_blocks,
+    uncached,
+)
 from tollgate_gateway.settings import Settings
 
 log = logging.getLogger("tollgate.upstream")
@@ -132,6 +139,9 @@ class Upstream:
         # requests in flight to it then.
         self.load: ReplicaLoad | None = None
         self.inflight_at_load = 0
+        # Bytes of prompt this gateway sent it to compute that have no answer byte yet
+        # (the scorer's prefill term; GATEWAY_ROUTING=vllm only).
+        self.prefilling = 0
         # None: not known yet (the replica is tried for any model).
         self.models: frozenset[str] | None = frozenset(models) if models is not None else None
         self.configured_models = models is not None
@@ -146,10 +156,14 @@ class Upstream:
 class Attempt:
     """One request to one replica, from sending it to `finish`."""
 
-    __slots__ = ("_finished", "_on_done", "_pool", "_response", "upstream", "waited")
+    __slots__ = ("_finished", "_on_done", "_pool", "_prefill", "_response", "upstream", "waited")
 
     def __init__(
-        self, upstream: Upstream, pool: h1client.Pool, on_done: Callable[[], None]
+        self,
+        upstream: Upstream,
+        pool: h1client.Pool,
+        on_done: Callable[[], None],
+        prefill: int = 0,
     ) -> None:
         self.upstream = upstream
         self._pool = pool
@@ -160,6 +174,15 @@ class Attempt:
         self.waited = 0.0
         upstream.inflight += 1
         upstream.requests += 1
+        # Its prompt bytes the replica computes, counted until the first answer byte.
+        self._prefill = prefill
+        upstream.prefilling += prefill
+
+    def _answered(self) -> None:
+        """The first answer byte (or the end): the replica is past this prefill."""
+        if self._prefill:
+            self.upstream.prefilling -= self._prefill
+            self._prefill = 0
 
     async def send(
         self, method: str, target: str, body: bytes, headers: dict[str, str], limits: Limits
@@ -192,6 +215,7 @@ class Attempt:
             raise _failure(exc) from None
         finally:
             self.waited += perf_counter() - started
+            self._answered()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives; a failure mid-way is `STREAM_BROKEN`."""
@@ -207,6 +231,8 @@ class Attempt:
                 raise _failure(exc, while_streaming=True) from None
             finally:
                 self.waited += perf_counter() - started
+            if self._prefill:
+                self._answered()
             yield data
 
     def finish(self, outcome: Outcome) -> None:
@@ -216,6 +242,7 @@ class Attempt:
             return
         self._finished = True
         self.upstream.inflight -= 1
+        self._answered()
         self._on_done()
         breaker = self.upstream.breaker
         if outcome is Outcome.SUCCEEDED:
@@ -266,6 +293,8 @@ class UpstreamPool:
             else None
         )
         self._health_client = h1client.Client(limit=2, keepalive=KEEPALIVE_SECONDS)
+        # The body the scorer last ranked for, and its prefix blocks (for attempt()).
+        self._picked: tuple[bytes, list[int]] = (b"", [])
         self._on_models = on_models
         self._resolver = resolver
         self.upstreams: list[Upstream] = []
@@ -303,8 +332,20 @@ class UpstreamPool:
         await self._health_client.close()
         await self.client.close()
 
-    def attempt(self, upstream: Upstream) -> Attempt:
-        return Attempt(upstream, self.client.pool(upstream.base), self.on_release)
+    def attempt(self, upstream: Upstream, body: bytes = b"") -> Attempt:
+        """The request (`body`) is sent to `upstream` (picked just before, with no await
+        in between): with the vLLM-aware scorer, its prefix is there from now on, and the
+        bytes the replica must compute count as its prefill work until it answers."""
+        scorer = self.scorer
+        prefill = 0
+        if scorer is not None and body:
+            picked, blocks = self._picked
+            if picked is not body:  # not the body the last pick hashed
+                blocks = prefix_blocks(body)
+            prefill = uncached(len(body), scorer.depth(upstream.base, blocks))
+            scorer.chosen(upstream, blocks)
+        self._picked = (b"", [])
+        return Attempt(upstream, self.client.pool(upstream.base), self.on_release, prefill)
 
     def _open(self, u: Upstream) -> bool:
         """Below this gateway's limit of requests in flight there (if it has one)."""
@@ -369,9 +410,9 @@ class UpstreamPool:
     ) -> Upstream | None:
         candidates = [u for u in self.upstreams if self._usable(u, model, exclude)]
         blocks = prefix_blocks(body)
-        for upstream in scorer.rank(candidates, blocks, model):
+        self._picked = (body, blocks)  # attempt() records them where the request goes
+        for upstream in scorer.rank(candidates, blocks, model, len(body)):
             if upstream.breaker.allow():
-                scorer.chosen(upstream, blocks)
                 return upstream
         return None
 

@@ -27,7 +27,8 @@ from tollgate_contract.config import GatewayConfig, KeySpec, Policy
 
 from .keys import Material
 
-POLICY_FIELDS = ("requestsPerMinute", "tokensPerMinute", "tokensPerDay", "maxConcurrentRequests")
+# A QuotaPolicy's spec fields: the contract's Policy, by its document names.
+POLICY_FIELDS = tuple(str(f.alias) for f in Policy.model_fields.values())
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ import yaml
 from harness import Kube
 from k8s_emulator import CRD_DIR, INFERENCE_POOL_CRD, EmulatorThread
 
+from tollgate_contract.config import Policy
+from tollgate_operator.configdoc import POLICY_FIELDS, PolicyView
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CRDS = {
     doc["spec"]["names"]["kind"]: doc
@@ -305,3 +308,15 @@ def test_the_emulator_enforces_the_inference_pool_schema() -> None:
         assert response.status_code == 422, response.text
         assert "port number must be unique" in response.json()["message"]
         assert kube.apply(_pool())["metadata"]["uid"]
+
+
+def test_a_quota_policy_carries_every_field_of_the_contracts_policy() -> None:
+    """What a QuotaPolicy can say is what the config document's Policy holds: a field only
+    the gateway knows (priority was one) is a setting nobody on a cluster can make."""
+    spec = _schema("QuotaPolicy")["properties"]["spec"]["properties"]
+    contract = {f.alias for f in Policy.model_fields.values()}
+    assert set(spec) == contract
+    assert set(POLICY_FIELDS) == contract
+    got = _with("QuotaPolicy", "spec", {"priority": -1})
+    assert validate(got) == []  # a sheddable class needs no limit
+    assert PolicyView.from_body(got).to_policy().priority == -1

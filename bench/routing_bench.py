@@ -21,7 +21,8 @@ a router decides the tail, (c) above the batch places:
 Printed per workload and mode: requests, throughput, time to first content byte p50 and p99,
 the prefix-cache hit rate summed over the four replicas (their vllm:prefix_cache_hits_total
 over vllm:prefix_cache_queries_total, in tokens), the requests each replica served, and a
-ratio row (first mode / second mode, TTFT). Then fairness under saturation: a light key's
+ratio row (first mode / second mode, TTFT); for (b) also its short prompts' TTFT alone (a
+long prompt's own p99 is its prefill, which no routing shortens). Then fairness under saturation: a light key's
 TTFT alone and while a heavy key sends 10 times its concurrency (max_tokens 64, so the
 batches stay full). The replicas' caches and counters are reset (POST /sim/reset) before
 every workload, so each starts cold in every mode. It passes or fails nothing.
@@ -42,7 +43,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Coroutine, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -132,10 +133,12 @@ class Run:
     hits: float = 0.0
     queries: float = 0.0
     spread: tuple[int, ...] = ()
+    # The TTFTs of the short prompts alone (what a long prompt ahead of them costs).
+    shorts: list[float] = field(default_factory=list)
 
-    def pct(self, p: float) -> float:
-        """The p-quantile of TTFT, in ms."""
-        ordered = sorted(self.ttfts)
+    def pct(self, p: float, shorts: bool = False) -> float:
+        """The p-quantile of TTFT (of the short prompts only), in ms."""
+        ordered = sorted(self.shorts if shorts else self.ttfts)
         return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
 
     @property
@@ -190,16 +193,19 @@ async def pool(
 ) -> Run:
     """`concurrency` clients taking the next prompt until there is none."""
     ttfts: list[float] = []
+    shorts: list[float] = []
     todo = iter(prompts)
 
     async def worker() -> None:
         for messages in todo:
             ttft, _ = await stream(session, url, key, messages, max_tokens)
             ttfts.append(ttft)
+            if messages[-1]["content"].count(" ") < SHORT_WORDS:
+                shorts.append(ttft)
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return Run(ttfts, time.perf_counter() - start)
+    return Run(ttfts, time.perf_counter() - start, shorts=shorts)
 
 
 async def chats(url: str, sessions: int, turns: int) -> Run:
@@ -347,6 +353,14 @@ def report(modes: list[str], results: list[tuple[list[Run], Fairness]], sizes: S
                 f"{first.rps / second.rps:>8.2f}{first.pct(0.5) / second.pct(0.5):>10.2f}"
                 f"{first.pct(0.99) / second.pct(0.99):>9.2f}"
             )
+        if w == 1:  # the mix's short prompts alone: the wait behind a long one
+            for i, (mode, (runs, _)) in enumerate(zip(modes, results, strict=True)):
+                run = runs[w]
+                print(
+                    f"{'  its short prompts' if i == 0 else '':<22}{mode:<10}"
+                    f"{len(run.shorts):>6}{'':>8}{run.pct(0.5, True):>10.1f}"
+                    f"{run.pct(0.99, True):>9.1f}"
+                )
     heavy_c = 10 * sizes.light_c
     print(
         f"\nfairness: light key c={sizes.light_c} alone, then with a heavy key c={heavy_c}"

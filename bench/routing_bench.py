@@ -22,10 +22,11 @@ Printed per workload and mode: requests, throughput, time to first content byte 
 the prefix-cache hit rate summed over the four replicas (their vllm:prefix_cache_hits_total
 over vllm:prefix_cache_queries_total, in tokens), the requests each replica served, and a
 ratio row (first mode / second mode, TTFT); for (b) also its short prompts' TTFT alone (a
-long prompt's own p99 is its prefill, which no routing shortens). Then fairness under saturation: a light key's
-TTFT alone and while a heavy key sends 10 times its concurrency (max_tokens 64, so the
-batches stay full). The replicas' caches and counters are reset (POST /sim/reset) before
-every workload, so each starts cold in every mode. It passes or fails nothing.
+long prompt's own p99 is its prefill, which no routing shortens). Then fairness under
+saturation: a light key's TTFT alone and while a heavy key sends 10 times its concurrency
+(max_tokens 64, so the batches stay full). The replicas' caches and counters are reset
+(POST /sim/reset) before every workload, so each starts cold in every mode. It passes or
+fails nothing.
 
     .venv/bin/python bench/routing_bench.py [--quick] [--modes p2c,vllm,vllm+queue]
 """

@@ -32,6 +32,13 @@ def _waiting(url: str) -> float:
     return -1.0
 
 
+def _running(sim_url: str) -> float:
+    for line in httpx.get(sim_url + "/metrics").text.splitlines():
+        if line.startswith("vllm:num_requests_running{"):
+            return float(line.rsplit(" ", 1)[1])
+    return -1.0
+
+
 def test_a_light_key_is_served_in_turn_not_after_a_heavy_keys_backlog(
     make_sim, make_gateway, tmp_path
 ) -> None:
@@ -92,3 +99,41 @@ def test_a_request_that_waits_too_long_gets_a_503(make_sim, make_gateway) -> Non
     assert "waited 0.5 s" in waited.json()["error"]["message"]
     assert 0.5 <= elapsed < scaled(3)
     assert sim.stats()["requests"] == 1  # it never reached the replica
+
+
+def test_a_recently_active_light_key_finds_its_place_held(make_sim, make_gateway, tmp_path) -> None:
+    """vLLM never hands a running request's place back, so a light request that arrives
+    just after the heavy key took the last place would wait for a whole generation. A key
+    active in the last few seconds has its places (up to its recent peak) held back."""
+    sim = make_sim("--ttft-ms", "4000")
+    secret = MountedSecret(tmp_path / "config")
+    secret.write(document({KEY_A: {"name": "heavy"}, KEY_B: {"name": "light"}}))
+    gw = make_gateway(
+        sim.url,
+        GATEWAY_CONFIG_FILE=str(secret.path),
+        GATEWAY_UPSTREAM_MAX_IN_FLIGHT="4",
+        GATEWAY_FORWARD_HEADERS="x-sim-ttft-ms",
+        GATEWAY_API_KEYS="",
+    )
+    fast = {"x-sim-ttft-ms": "10"}
+    assert _post(gw.url, KEY_B, **fast).status_code == 200  # the light key's recent peak: 1
+    finished: list[str] = []
+
+    def heavy() -> int:
+        status = _post(gw.url, KEY_A).status_code
+        finished.append("heavy")
+        return status
+
+    with ThreadPoolExecutor(5) as pool:
+        heavies = [pool.submit(heavy) for _ in range(5)]
+        gw.wait_for(
+            lambda: _running(sim.url) + _waiting(gw.url) == 5 and _waiting(gw.url) > 0,
+            "the heavy key's requests on the replica or queued",
+        )
+        # First come, first served would have given the heavy key all 4 places.
+        assert (_running(sim.url), _waiting(gw.url)) == (3, 2)
+        light = _post(gw.url, KEY_B, **fast)
+        finished.append("light")
+        codes = [f.result() for f in heavies]
+    assert light.status_code == 200 and codes == [200] * 5
+    assert finished[0] == "light", finished  # it did not wait for a heavy one to end

@@ -112,3 +112,62 @@ def test_a_waiter_that_times_out_or_leaves_gives_up_its_place(
 
 def test_no_waiting_and_room_is_the_fast_path() -> None:
     asyncio.run(_no_waiting_and_room_is_the_fast_path())
+
+
+async def _hold(queue: FairQueue, places: Places, key: str, order: list[str], go: asyncio.Event):
+    """A request that takes its place on a replica and keeps it until `go`."""
+    async with queue.turn(key, 0, "m"):
+        places.free -= 1
+        order.append(key)
+        await go.wait()
+        places.free += 1
+
+
+async def _a_recent_light_keys_places_are_held_for_it() -> None:
+    now = [0.0]
+    places = Places(8)
+    queue = FairQueue(places.has_room, timeout=30, places=lambda: 8, clock=lambda: now[0])
+    order: list[str] = []
+    light_go, heavy_go = asyncio.Event(), asyncio.Event()
+    light = [asyncio.create_task(_hold(queue, places, "light", order, light_go)) for _ in range(2)]
+    await settle()
+    light_go.set()
+    await asyncio.gather(*light)  # the light key is quiet now, with a recent peak of 2
+    heavy = [asyncio.create_task(_hold(queue, places, "heavy", order, heavy_go)) for _ in range(10)]
+    await settle()
+    # Without holding back, the heavy key would take all 8 and the light one would wait
+    # for one of its requests to end.
+    assert order.count("heavy") == 6 and queue.waiting == 4 and places.free == 2
+    light_go.clear()
+    late = asyncio.create_task(_hold(queue, places, "light", order, light_go))
+    await settle()
+    assert order[-1] == "light" and places.free == 1  # at once, not after a heavy one
+    light_go.set()
+    await late
+    now[0] += fairqueue.DEMAND_WINDOW + 1  # the light key quiet for a window: places back
+    queue.wake()
+    await settle()
+    assert order.count("heavy") == 8 and places.free == 0 and queue.waiting == 2
+    heavy_go.set()
+    await asyncio.gather(*heavy)
+    assert places.free == 8 and queue.reserved() == {}
+
+
+def test_a_recent_light_keys_places_are_held_for_it() -> None:
+    asyncio.run(_a_recent_light_keys_places_are_held_for_it())
+
+
+async def _a_key_alone_gets_every_place() -> None:
+    places = Places(4)
+    queue = FairQueue(places.has_room, timeout=30, places=lambda: 4)
+    order: list[str] = []
+    go = asyncio.Event()
+    tasks = [asyncio.create_task(_hold(queue, places, "only", order, go)) for _ in range(5)]
+    await settle()
+    assert order == ["only"] * 4 and queue.waiting == 1
+    go.set()
+    await asyncio.gather(*tasks)
+
+
+def test_a_key_alone_gets_every_place() -> None:
+    asyncio.run(_a_key_alone_gets_every_place())

@@ -85,12 +85,10 @@ class Gateway:
         )
         self.pool = UpstreamPool(settings, on_models=self._update_known_models)
         self.queue = (
-            FairQueue(self.pool.has_room, settings.gateway_queue_timeout_seconds)
+            FairQueue(self.pool.has_room, settings.gateway_queue_timeout_seconds, self.pool.places)
             if settings.gateway_upstream_max_in_flight is not None
             else None
         )
-        if self.queue is not None:
-            self.pool.on_release = self.queue.wake
         self.metrics = GatewayMetrics(
             StateCollector(
                 self.lifecycle, self.pool, self.quota, self.current, self.config, self.queue

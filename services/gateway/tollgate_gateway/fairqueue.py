@@ -10,23 +10,35 @@ with waiters gets a turn in a rotation, and `weight` places per turn (1 + its po
 `priority`); a key with a negative priority is sheddable: refused at once instead of
 queued. A request that waits longer than `timeout` is refused with 503 and Retry-After.
 
-A place is handed to a waiter when a request to a replica ends (`wake`), and waiters look
+A place is handed to a waiter when a request holding one ends (`turn`, then `wake`: after
+its key's count is down, so the places held for that key are right), and waiters look
 again every `RECHECK_SECONDS` (a replica that became healthy, a scrape that showed room),
 so no event can be missed for long.
+
+Turns alone cannot help a light key whose request arrives just after the heavy key took
+the last place: vLLM never gives a running request's place back, so the light one waits
+for a generation to end. So places are held back: a key may not take the places that the
+other keys active in the last `DEMAND_WINDOW` seconds would use, each up to its peak
+demand then (requests in flight and waiting), at most its weighted share of all places,
+less what it has in flight now. A key with steady light traffic then finds its places
+free; a heavy key alone still gets every place, and gets back the held ones a window after
+the light key goes quiet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from tollgate_gateway import errors
 from tollgate_gateway.errors import Refusal
 
 RECHECK_SECONDS = 0.1
+DEMAND_WINDOW = 5.0
 
 
 @dataclass(slots=True)
@@ -41,21 +53,104 @@ class _Key:
     waiters: deque[_Waiter] = field(default_factory=deque)
 
 
+@dataclass(slots=True)
+class _Demand:
+    """A key's requests let through and not ended, waiting, and its recent peak of both."""
+
+    weight: int
+    inflight: int = 0
+    waiting: int = 0
+    peak: int = 0
+    peak_at: float = 0.0
+
+    def seen(self, now: float) -> None:
+        demand = self.inflight + self.waiting
+        if demand >= self.peak or now - self.peak_at > DEMAND_WINDOW:
+            self.peak, self.peak_at = demand, now
+
+    def recent_peak(self, now: float) -> int:
+        """The peak, if it is recent; else today's demand (which starts a new peak)."""
+        if now - self.peak_at > DEMAND_WINDOW:
+            self.seen(now)
+        return self.peak
+
+
 class FairQueue:
-    def __init__(self, has_room: Callable[[str | None, int], bool], timeout: float) -> None:
+    def __init__(
+        self,
+        has_room: Callable[[str | None, int], bool],
+        timeout: float,
+        places: Callable[[], int] = lambda: 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """`has_room(model, pending)`: whether a replica serving `model` can take one more
-        request, counting `pending` requests let through that have not reached it yet."""
+        request, counting `pending` requests let through that have not reached it yet;
+        `places()`: every place on the available replicas (the shares' total)."""
         self._has_room = has_room
+        self._places = places
+        self._clock = clock
         self.timeout = timeout
         self._keys: dict[str, _Key] = {}
         self._turns: list[str] = []  # keys with waiters, in rotation
+        self._demand: dict[str, _Demand] = {}
         self._pending = 0
         self.waiting = 0
 
+    @contextlib.asynccontextmanager
+    async def turn(self, key: str, priority: int, model: str | None) -> AsyncIterator[None]:
+        """Wait for a place (`wait_turn`), then hold it, as the key's, until the request
+        ends."""
+        demand = self._demand.get(key)
+        if demand is None:
+            demand = self._demand[key] = _Demand(1 + max(priority, 0))
+        demand.waiting += 1  # also while on the fast path: it counts towards the peak
+        demand.seen(self._clock())
+        try:
+            await self.wait_turn(key, priority, model)
+        finally:
+            demand.waiting -= 1
+        demand.inflight += 1
+        try:
+            yield
+        finally:
+            demand.inflight -= 1
+            self.wake()
+
+    def reserved(self) -> dict[str, int]:
+        """Per recently active key, the places held back for it: up to its recent peak,
+        at most its weighted share of all places, less its requests in flight. O(active
+        keys), once per request and per wake."""
+        demands = self._demand
+        if len(demands) < 2:
+            return {}
+        now = self._clock()
+        active = []
+        for k, d in list(demands.items()):
+            peak = d.recent_peak(now)
+            if peak or d.inflight or d.waiting:
+                active.append((k, d, peak))
+            else:
+                del demands[k]  # quiet for a window: no longer a share
+        if len(active) < 2:
+            return {}
+        total_weight = sum(d.weight for _, d, _ in active)
+        places = self._places()
+        return {
+            k: max(0, min(peak, places * d.weight // total_weight) - d.inflight)
+            for k, d, peak in active
+        }
+
+    def _room(self, key: str, model: str | None, reserved: dict[str, int], total: int) -> bool:
+        """Room for `key`: beyond the requests on their way and the places held back for
+        the other keys (`total`: all of `reserved`)."""
+        return self._has_room(model, self._pending + total - reserved.get(key, 0))
+
     async def wait_turn(self, key: str, priority: int, model: str | None) -> None:
         """Return when the request may go to a replica; raise the `Refusal` if it may not."""
-        if not self.waiting and self._has_room(model, self._pending):
-            return
+        if not self.waiting:
+            reserved = self.reserved()
+            if self._room(key, model, reserved, sum(reserved.values())):
+                return
         if priority < 0:
             raise Refusal(
                 errors.OVERLOADED,
@@ -104,6 +199,8 @@ class FairQueue:
         no room (its model's replicas are full) keeps its place at the front, and the
         keys behind it are tried."""
         turns = self._turns
+        reserved = self.reserved()
+        total = sum(reserved.values())
         i = 0
         while i < len(turns):
             key = turns[i]
@@ -114,7 +211,7 @@ class FairQueue:
                 if head.granted.done():  # cancelled: gone
                     entry.waiters.popleft()
                     continue
-                if not self._has_room(head.model, self._pending):
+                if not self._room(key, head.model, reserved, total):
                     break
                 entry.waiters.popleft()
                 head.granted.set_result(None)

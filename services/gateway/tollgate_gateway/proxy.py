@@ -22,6 +22,7 @@ gateway's own endpoints). `Proxy.handle` reads top to bottom as the gateway's wh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections import OrderedDict
@@ -158,12 +159,14 @@ class Proxy:
             self.admit(record, endpoint, key, outgoing)
             if record.admission is not None and record.admission.confirm:
                 await self.quota.confirm(key, record.admission)
+            place: contextlib.AbstractAsyncContextManager[None] = contextlib.nullcontext()
             if self.queue is not None:
                 priority = (key.policy.priority or 0) if key.policy is not None else 0
-                await self.queue.wait_turn(key.name, priority, outgoing.model)
-            affinity = self._affinity(ingress.session, key.name)
-            upstream = self.route(record, outgoing, affinity, scope["path"])
-            await self.forward(record, receive, send, upstream, outgoing, ingress, affinity)
+                place = self.queue.turn(key.name, priority, outgoing.model)
+            async with place:
+                affinity = self._affinity(ingress.session, key.name)
+                upstream = self.route(record, outgoing, affinity, scope["path"])
+                await self.forward(record, receive, send, upstream, outgoing, ingress, affinity)
         except Refusal as refusal:
             record.status, record.error = refusal.kind.status, refusal.kind.code
             record.rejection = refusal.reason

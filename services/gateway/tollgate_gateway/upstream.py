@@ -156,18 +156,11 @@ class Upstream:
 class Attempt:
     """One request to one replica, from sending it to `finish`."""
 
-    __slots__ = ("_finished", "_on_done", "_pool", "_prefill", "_response", "upstream", "waited")
+    __slots__ = ("_finished", "_pool", "_prefill", "_response", "upstream", "waited")
 
-    def __init__(
-        self,
-        upstream: Upstream,
-        pool: h1client.Pool,
-        on_done: Callable[[], None],
-        prefill: int = 0,
-    ) -> None:
+    def __init__(self, upstream: Upstream, pool: h1client.Pool, prefill: int = 0) -> None:
         self.upstream = upstream
         self._pool = pool
-        self._on_done = on_done
         self._response: h1client.Response | None = None
         self._finished = False
         # Seconds spent waiting on the replica (its headers, body and stream reads).
@@ -243,7 +236,6 @@ class Attempt:
         self._finished = True
         self.upstream.inflight -= 1
         self._answered()
-        self._on_done()
         breaker = self.upstream.breaker
         if outcome is Outcome.SUCCEEDED:
             breaker.success()
@@ -282,8 +274,6 @@ class UpstreamPool:
         self._health_timeout = HEALTH_TIMEOUT_SECONDS
         self._scrape_interval = settings.gateway_routing_scrape_seconds
         self._cap = settings.gateway_upstream_max_in_flight
-        # Called when a request to a replica ends (a place freed: the fair queue's cue).
-        self.on_release: Callable[[], None] = lambda: None
         self.scorer = (
             Scorer(
                 Weights.parse(settings.gateway_routing_weights),
@@ -345,7 +335,7 @@ class UpstreamPool:
             prefill = uncached(len(body), scorer.depth(upstream.base, blocks))
             scorer.chosen(upstream, blocks)
         self._picked = (b"", [])
-        return Attempt(upstream, self.client.pool(upstream.base), self.on_release, prefill)
+        return Attempt(upstream, self.client.pool(upstream.base), prefill)
 
     def _open(self, u: Upstream) -> bool:
         """Below this gateway's limit of requests in flight there (if it has one)."""
@@ -361,6 +351,12 @@ class UpstreamPool:
             max(0, cap - u.inflight) for u in self.upstreams if u.available() and u.serves(model)
         )
         return free > pending
+
+    def places(self) -> int:
+        """Every place on the available replicas (0 without a limit): the fair queue's
+        total for the keys' shares."""
+        cap = self._cap
+        return 0 if cap is None else cap * sum(u.available() for u in self.upstreams)
 
     # Choosing a replica
 

@@ -9,7 +9,7 @@ import time
 
 import httpx
 from configfile import MountedSecret, document
-from servers import wait_until
+from servers import Gateway, wait_until
 
 KEY = "sk-shared-team"
 LIMIT = 10_000
@@ -50,6 +50,24 @@ async def _traffic(urls: list[str], workers: int, seconds: float) -> dict[str, i
     return seen
 
 
+def _gauge(gw: Gateway, name: str) -> float | None:
+    for line in httpx.get(gw.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def _know_each_other(gateways: list[Gateway]) -> None:
+    """Wait until every replica counts them all. Each one's share of a limit before it
+    confirms with the store is limit / replicas, and a replica that joined within the last
+    flush interval is not yet in the others' counts (the documented bound)."""
+    for gw in gateways:
+        gw.wait_for(
+            lambda gw=gw: _gauge(gw, "tollgate_quota_replicas") == len(gateways),
+            f"{len(gateways)} replicas known",
+        )
+
+
 def test_three_replicas_enforce_one_daily_quota_and_lose_nothing(
     pg, make_sim, make_gateway, tmp_path
 ) -> None:
@@ -68,6 +86,7 @@ def test_three_replicas_enforce_one_daily_quota_and_lose_nothing(
         "QUOTA_FLUSH_INTERVAL_SECONDS": str(FLUSH),
     }
     gateways = [make_gateway(sim.url, **env) for _ in range(3)]
+    _know_each_other(gateways)
     started = time.monotonic()
     seen = asyncio.run(_traffic([g.url for g in gateways], workers=12, seconds=60))
     elapsed = time.monotonic() - started
@@ -97,9 +116,8 @@ def test_requests_per_minute_hold_across_replicas(pg, make_sim, make_gateway, tm
     when the test spans a minute boundary), not three times as much."""
     sim = make_sim()
     secret = MountedSecret(tmp_path / "config")
-    secret.write(
-        document({KEY: {"name": "rpm-team", "policy": "rpm"}}, {"rpm": {"requestsPerMinute": 60}})
-    )
+    policies = {"rpm": {"requestsPerMinute": 60}}
+    secret.write(document({}, policies))  # the key comes later: the replicas start idle
     env = {
         **pg.env(),
         "GATEWAY_CONFIG_FILE": str(secret.path),
@@ -107,6 +125,12 @@ def test_requests_per_minute_hold_across_replicas(pg, make_sim, make_gateway, tm
         "QUOTA_FLUSH_INTERVAL_SECONDS": "1",
     }
     gateways = [make_gateway(sim.url, **env) for _ in range(3)]
+    secret.write(document({KEY: {"name": "rpm-team", "policy": "rpm"}}, policies))
+    # Idle, a replica must go on learning how many share the store: the first one used to
+    # keep the 1 it saw alone at its start, and let nearly the whole limit in by itself.
+    for gw in gateways:
+        gw.wait_for(lambda gw=gw: _gauge(gw, "tollgate_config_keys") == 1, "the key loaded")
+    _know_each_other(gateways)
     seconds, workers = 15.0, 6
     admitted = 0
 

@@ -75,6 +75,7 @@ POD_MAX = frozenset(
         "tollgate_upstream_vllm_requests_running",
         "tollgate_upstream_vllm_requests_waiting",
         "tollgate_upstream_vllm_kv_cache_usage",
+        "tollgate_quota_replicas",
         "process_max_fds",
     }
 )
@@ -378,6 +379,12 @@ class StateCollector(Collector):
             "tollgate_quota_store_up",
             "1 when the last flush to the quota store succeeded.",
             value=int(quota.store_ok),
+        )
+        yield GaugeMetricFamily(
+            "tollgate_quota_replicas",
+            "Replicas (processes) sharing the quota store, as its last answer counted them:"
+            " near a limit each admits about limit / this before confirming with the store.",
+            value=quota.replicas,
         )
         yield GaugeMetricFamily(
             "tollgate_quota_buffered_deltas",

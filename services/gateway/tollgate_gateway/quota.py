@@ -26,7 +26,9 @@ default), and when replicas share the store, each admission is confirmed against
 store: its counts go there in one atomic flush that returns the global totals, and the
 limits are checked again on those. "Near" counts the other replicas' unflushed share as
 this replica's own times their number, so each comes near after about
-limit * (1 - margin) / replicas of its own. So past a limit, what other replicas admit
+limit * (1 - margin) / replicas of its own. The count is the store's, at each flush (one
+every interval, idle or not): a replica that joined within the last interval is not yet in
+the others' counts. So past a limit, what other replicas admit
 unseen is what they admitted before they came near (at most that share each), what they
 have in flight (their reservations are local), what races within one round trip to the
 store, and what the admitted requests use beyond their reservation (a request without
@@ -321,7 +323,12 @@ class QuotaLedger:
             now = self._clock()
             active = [n for n, seen in self._active.items() if now - seen < ACTIVE_SECONDS]
             if self._sending is None:
-                if not active and not self._has_deltas():
+                # Idle, a shared store still hears from this replica at every interval:
+                # the flush is its heartbeat, and its answer the count of replicas, which
+                # must be current when a burst comes (each replica's share of a limit
+                # before it confirms is limit / replicas; a stale count of one let every
+                # replica admit nearly the whole limit alone).
+                if not active and not self._has_deltas() and not self.store.shared:
                     return True
                 self._seq += 1
                 self._pending.seq = self._seq

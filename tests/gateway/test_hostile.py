@@ -297,6 +297,50 @@ def test_past_the_connection_cap_a_client_gets_503(make_sim, make_gateway) -> No
     gw.wait_for(lambda: _chat(gw, CHAT).status_code == 200, "a new client to be served again")
 
 
+def _response(sock: socket.socket, buffer: bytearray, head_only: bool = False) -> bytes:
+    """One response off a keep-alive connection: its head, then content-length bytes."""
+    while b"\r\n\r\n" not in buffer:
+        part = sock.recv(65536)
+        assert part, f"the connection closed mid-response: {bytes(buffer)!r}"
+        buffer += part
+    end = buffer.index(b"\r\n\r\n") + 4
+    head = bytes(buffer[:end]).lower()
+    length = 0 if head_only else int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(buffer) < end + length:
+        part = sock.recv(65536)
+        assert part, "the connection closed mid-body"
+        buffer += part
+    answer = bytes(buffer[: end + length])
+    del buffer[: end + length]
+    return answer
+
+
+def test_head_pipelining_and_100_continue_on_one_connection(gateway: Gateway) -> None:
+    """What a change to how responses are written must keep: a HEAD's answer (a head and
+    no body), pipelined requests answered in order, and a 100 Continue sent at once,
+    before the body it asks for."""
+    sock = _connect(gateway)
+    buffer = bytearray()
+    sock.sendall(b"HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = _response(sock, buffer, head_only=True)
+    assert head.startswith(b"HTTP/1.1 "), head
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+    assert [_response(sock, buffer)[:12] for _ in range(2)] == [b"HTTP/1.1 200"] * 2
+    body = json.dumps({**CHAT, "max_tokens": 2}).encode()
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+        + KEY_A.encode()
+        + b"\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    assert _response(sock, buffer, head_only=True).startswith(b"HTTP/1.1 100 ")
+    sock.sendall(body)
+    answer = _response(sock, buffer)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["usage"]["completion_tokens"] == 2
+    sock.close()
+
+
 # 8 and 10: bodies and headers no client should be able to break anything with.
 
 

@@ -179,3 +179,24 @@ def test_invalid_request_id_is_replaced(gateway: Gateway) -> None:
     )
     assert r.status_code == 200
     assert re.fullmatch(r"[0-9a-f]{32}", r.headers["x-request-id"])
+
+
+def test_a_crlf_upstream_is_streamed_counted_and_stripped(make_sim, make_gateway) -> None:
+    """The SSE spec allows \\r\\n line ends, and servers other than vLLM (or a proxy in
+    front of it) write them: events are still found, so the stream is not held back to its
+    end, and its usage chunk is read and removed."""
+    sim = make_sim("--sse-newline", "crlf", "--itl-ms", "150")
+    gw = make_gateway(sim.url)
+    body = {**CHAT, "max_tokens": 8}
+    arrivals, parts = [], []
+    start = time.monotonic()
+    with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, headers=AUTH) as r:
+        for part in r.iter_raw():
+            arrivals.append(time.monotonic() - start)
+            parts.append(part)
+    data = b"".join(parts)
+    assert arrivals[0] < arrivals[-1] - 0.8, arrivals  # 8 tokens 150 ms apart
+    assert data.endswith(b"data: [DONE]\r\n\r\n") and b"\n\n" not in data
+    assert b'"usage"' not in data  # the gateway asked for it; the client did not
+    usage = httpx.get(gw.url + "/v1/usage", headers=AUTH).json()
+    assert usage["requests"] == 1 and usage["tokens_used"] == sim.stats()["prompt_tokens"] + 8

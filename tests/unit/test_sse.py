@@ -7,6 +7,8 @@ from collections.abc import Iterable
 
 import pytest
 
+from tollgate_gateway import sse
+from tollgate_gateway.events import EventTap
 from tollgate_gateway.sse import StreamTap
 
 CHUNK = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
@@ -191,3 +193,48 @@ def test_usage_chunk_before_an_event_with_another_usage_text(after: bytes) -> No
     assert run(tap, [CHUNK * 3 + USAGE + after + DONE]) == CHUNK * 3 + after + DONE
     assert tap.usage is not None and tap.usage.completion_tokens == 3
     assert tap.chunks == 4 and tap.done
+
+
+def _crlf(data: bytes) -> bytes:
+    return data.replace(b"\n", b"\r\n")
+
+
+@pytest.mark.parametrize("strip", [True, False])
+def test_crlf_line_ends_are_events_too_at_any_split(strip: bool) -> None:
+    """The SSE spec allows \\r\\n; the stream's first line end says which it uses (a split
+    between \\r and \\n included)."""
+    stream = _crlf(STREAM)
+    expected = _crlf(CHUNK * 3 + (b"" if strip else USAGE) + DONE)
+    for cut in range(1, len(stream)):
+        tap = StreamTap(strip_usage=strip)
+        parts = [stream[:cut], stream[cut:]]
+        assert run(tap, parts) == expected, cut
+        assert_read(tap)
+    tap = StreamTap(strip_usage=True)
+    assert tap.feed(_crlf(CHUNK)) == _crlf(CHUNK)  # whole events pass at once
+
+
+def test_an_endless_event_is_passed_on_not_held_without_bound() -> None:
+    tap = StreamTap(strip_usage=True)
+    huge = b"data: " + b"x" * sse.MAX_HELD
+    assert tap.feed(huge[:100]) == b""  # partial: held
+    assert tap.feed(huge[100:]) == huge  # past the bound: on its way, unread
+    assert tap.feed(CHUNK) == CHUNK and tap.flush() == b""
+
+
+def test_named_events_with_crlf_line_ends_are_read() -> None:
+    completed = {"type": "response.completed", "response": {"usage": {
+        "input_tokens": 5, "output_tokens": 2, "total_tokens": 7}}}  # fmt: skip
+    stream = _crlf(
+        b'event: response.output_text.delta\ndata: {"delta":"x"}\n\n' * 2
+        + b"event: response.completed\ndata: "
+        + json.dumps(completed).encode()
+        + b"\n\n"
+    )
+    tap = EventTap(b"event: response.output_text.delta")
+    assert b"".join(tap.feed(stream[i : i + 9]) for i in range(0, len(stream), 9)) == stream
+    assert tap.chunks == 2
+    assert tap.usage is not None and (tap.usage.prompt_tokens, tap.usage.completion_tokens) == (
+        5,
+        2,
+    )

@@ -13,29 +13,35 @@ from __future__ import annotations
 import json
 
 from tollgate_contract.usage import Usage
+from tollgate_gateway.sse import MAX_HELD, separator
 from tollgate_gateway.usage import USAGE_KEY, parse_usage
 
 _decoder = json.JSONDecoder()
 
 
 class EventTap:
-    __slots__ = ("_delta_marker", "_tail", "chunks", "usage")
+    __slots__ = ("_delta_marker", "_sep", "_tail", "chunks", "usage")
 
     def __init__(self, delta_marker: bytes) -> None:
         """`delta_marker`: the bytes that start each text delta event's name line."""
         self._delta_marker = delta_marker
         self._tail = b""
+        self._sep = b""  # the stream's event separator, once known (sse.separator)
         self.chunks = 0
         self.usage: Usage | None = None
 
     def feed(self, data: bytes) -> bytes:
         """Bytes to forward now: all of them. Complete events are scanned once."""
         buffered = self._tail + data if self._tail else data
-        end = buffered.rfind(b"\n\n")
+        sep = self._sep or separator(buffered) or b""
+        end = buffered.rfind(sep) if sep else -1
         if end < 0:
-            self._tail = buffered
+            # A partial event: scanned when it ends, unless it outgrows MAX_HELD.
+            self._tail = buffered if len(buffered) <= MAX_HELD else b""
             return data
-        complete, self._tail = buffered[: end + 2], buffered[end + 2 :]
+        self._sep = sep
+        end += len(sep)
+        complete, self._tail = buffered[:end], buffered[end:]
         self.chunks += complete.count(self._delta_marker)
         if b'"usage"' in complete:
             for found in USAGE_KEY.finditer(complete):

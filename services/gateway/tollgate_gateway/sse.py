@@ -1,10 +1,12 @@
 """Watching an SSE stream as it passes through, without re-encoding it.
 
 The bytes go to the client as they came; the watcher only needs event boundaries
-(`\n\n`, as vLLM writes them) to do three things: count the chunks (the estimate for a
-stream that breaks), read the usage chunk, and remove that chunk when the gateway asked
-for it and the client did not. A partial event is held back until its end arrives, so a
-usage chunk split across reads can still be removed; whole events pass at once.
+(`\n\n` as vLLM writes them, or `\r\n\r\n`, which the SSE spec allows and other servers
+write: the stream's first line end decides) to do three things: count the chunks (the
+estimate for a stream that breaks), read the usage chunk, and remove that chunk when the
+gateway asked for it and the client did not. A partial event is held back until its end
+arrives, so a usage chunk split across reads can still be removed; whole events pass at
+once. An event longer than MAX_HELD is passed on unread rather than held without bound.
 
 Per read the cost is three scans in C (the last boundary, the event count, the last
 `"usage"`) and, only in the read that holds the usage key, one event parsed (and cut out,
@@ -17,11 +19,20 @@ import json
 
 from tollgate_gateway.usage import USAGE_KEY, Usage, parse_usage
 
-_DONE = b"data: [DONE]\n\n"
+# The most of a partial event held back (vLLM's events are a few hundred bytes).
+MAX_HELD = 1 << 20
+
+
+def separator(data: bytes) -> bytes | None:
+    """A stream's event separator, from its first line end (None: none seen yet)."""
+    end = data.find(b"\n")
+    if end < 0:
+        return None
+    return b"\r\n\r\n" if end > 0 and data[end - 1] == 0x0D else b"\n\n"
 
 
 class StreamTap:
-    __slots__ = ("_held", "chunks", "done", "strip_usage", "usage")
+    __slots__ = ("_done", "_held", "_sep", "chunks", "done", "strip_usage", "usage")
 
     def __init__(self, strip_usage: bool) -> None:
         self.strip_usage = strip_usage
@@ -29,36 +40,51 @@ class StreamTap:
         self.chunks = 0  # events other than the usage chunk and [DONE]
         self.done = False
         self._held = b""
+        self._sep = b""  # the stream's event separator, once known
+        self._done = b""
 
     def feed(self, data: bytes) -> bytes:
         """Bytes to forward now: every complete event received so far."""
         if self._held:
             data = self._held + data
             self._held = b""
-        end = data.rfind(b"\n\n")
+        sep = self._sep
+        if not sep:
+            found = separator(data)
+            if found is None:
+                return self._hold(data)
+            sep = self._sep = found
+            self._done = b"data: [DONE]" + sep
+        end = data.rfind(sep)
         if end < 0:
-            self._held = data
-            return b""
-        end += 2
+            return self._hold(data)
+        end += len(sep)
         if end != len(data):
             self._held = data[end:]
             data = data[:end]
-        events = data.count(b"\n\n")
+        events = data.count(sep)
         at = data.rfind(b'"usage"')
         if at >= 0:
-            data, events = self._take_usage(data, at, events)
-        if data.endswith(_DONE):
+            data, events = self._take_usage(data, at, events, sep)
+        if data.endswith(self._done):
             self.done = True
             events -= 1
         self.chunks += events
         return data
+
+    def _hold(self, data: bytes) -> bytes:
+        """A partial event waits for its end, up to MAX_HELD (then it goes on as is)."""
+        if len(data) > MAX_HELD:
+            return data
+        self._held = data
+        return b""
 
     def flush(self) -> bytes:
         """Whatever is held back when the stream ends (an unterminated last event)."""
         held, self._held = self._held, b""
         return held
 
-    def _take_usage(self, data: bytes, at: int, events: int) -> tuple[bytes, int]:
+    def _take_usage(self, data: bytes, at: int, events: int, sep: bytes) -> tuple[bytes, int]:
         """Read the usage of the event holding the last usage key (at or before `at`, the
         last `"usage"`); drop that event from the count if it is the usage chunk proper
         (`choices: []`), and from `data` too if the client did not ask for it.
@@ -75,8 +101,8 @@ class StreamTap:
             if found is None:
                 return data, events
             at = found.start()
-        boundary = data.rfind(b"\n\n", 0, at)
-        start = boundary + 2 if boundary >= 0 else 0  # the event's
+        boundary = data.rfind(sep, 0, at)
+        start = boundary + len(sep) if boundary >= 0 else 0  # the event's
         line = max(start, data.rfind(b"\n", start, at) + 1)  # its `data:` line
         if not data.startswith(b"data:", line):
             return data, events
@@ -92,5 +118,5 @@ class StreamTap:
         if chunk.get("choices") != []:
             return data, events  # content (vLLM's continuous usage stats): never removed
         if self.strip_usage:
-            data = data[:start] + data[data.index(b"\n\n", at) + 2 :]
+            data = data[:start] + data[data.index(sep, at) + len(sep) :]
         return data, events - 1

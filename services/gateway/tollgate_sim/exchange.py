@@ -90,6 +90,8 @@ class Exchange:
         """Events as one chunk each, in one write (one syscall for a whole fast stream)."""
         if self._spaced():
             events = [http.respace(e) for e in events]
+        if self.knobs.sse_newline == "crlf":  # JSON has no raw newline: only line ends
+            events = [e.replace(b"\n", b"\r\n") for e in events]
         self.wire.write(b"".join(http.chunk(e) for e in events))
 
     def end_stream(self) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 FAULTS = ("none", "error", "stall", "reset", "cut")
 JSON_STYLES = ("compact", "spaced")
 BODY_MODES = ("length", "chunked")
+SSE_NEWLINES = ("lf", "crlf")
 BEST_OF_MODES = ("ignore", "bill")
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -59,6 +60,9 @@ class Knobs:
     # compact: vLLM's separators (",", ":"); spaced: json.dumps' default (", ", ": "),
     # as LiteLLM Proxy and other OpenAI-compatible servers write JSON.
     json_style: str = "compact"
+    # SSE line ends: "lf" as vLLM writes them, or "crlf" (the SSE spec allows both; some
+    # servers and proxies in front of them write \r\n).
+    sse_newline: str = "lf"
     # Non-stream bodies: "length" (Content-Length, as uvicorn sends JSONResponse) or
     # "chunked" (Transfer-Encoding: chunked), to conformance-test an HTTP client.
     body_mode: str = "length"
@@ -85,6 +89,8 @@ class Knobs:
             raise ValueError(f"fault must be one of {', '.join(FAULTS)}")
         if self.json_style not in JSON_STYLES:
             raise ValueError(f"json_style must be one of {', '.join(JSON_STYLES)}")
+        if self.sse_newline not in SSE_NEWLINES:
+            raise ValueError(f"sse_newline must be one of {', '.join(SSE_NEWLINES)}")
         if self.body_mode not in BODY_MODES:
             raise ValueError(f"body_mode must be one of {', '.join(BODY_MODES)}")
         if self.best_of not in BEST_OF_MODES:

@@ -16,13 +16,22 @@ import signal
 from collections.abc import Callable
 from typing import Any
 
-from tollgate_sim.knobs import BEST_OF_MODES, BODY_MODES, FAULTS, JSON_STYLES, Knobs, _bool
+from tollgate_sim.knobs import (
+    BEST_OF_MODES,
+    BODY_MODES,
+    FAULTS,
+    JSON_STYLES,
+    SSE_NEWLINES,
+    Knobs,
+    _bool,
+)
 from tollgate_sim.server import Simulator, describe
 
 _CHOICES = {
     "fault": FAULTS,
     "json_style": JSON_STYLES,
     "body_mode": BODY_MODES,
+    "sse_newline": SSE_NEWLINES,
     "best_of": BEST_OF_MODES,
 }
 _TYPES: dict[str, Callable[[Any], Any]] = {"str": str, "int": int, "float": float, "bool": _bool}

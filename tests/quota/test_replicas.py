@@ -86,7 +86,6 @@ def test_three_replicas_enforce_one_daily_quota_and_lose_nothing(
         "QUOTA_FLUSH_INTERVAL_SECONDS": str(FLUSH),
     }
     gateways = [make_gateway(sim.url, **env) for _ in range(3)]
-    _know_each_other(gateways)
     started = time.monotonic()
     seen = asyncio.run(_traffic([g.url for g in gateways], workers=12, seconds=60))
     elapsed = time.monotonic() - started

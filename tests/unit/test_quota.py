@@ -229,6 +229,7 @@ class Outage:
 
     def __init__(self, store: SqliteStore) -> None:
         self.store = store
+        self.shared = store.shared
         self.down = False
 
     def _check(self) -> None:

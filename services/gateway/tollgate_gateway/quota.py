@@ -28,7 +28,8 @@ limits are checked again on those. "Near" counts the other replicas' unflushed s
 this replica's own times their number, so each comes near after about
 limit * (1 - margin) / replicas of its own. The count is the store's, at each flush (one
 every interval, idle or not): a replica that joined within the last interval is not yet in
-the others' counts. So past a limit, what other replicas admit
+the others' counts. A view older than two intervals (a flush queued at the store) counts
+as near. So past a limit, what other replicas admit
 unseen is what they admitted before they came near (at most that share each), what they
 have in flight (their reservations are local), what races within one round trip to the
 store, and what the admitted requests use beyond their reservation (a request without
@@ -102,6 +103,8 @@ class QuotaLedger:
         self._global_minutes: dict[MinuteWindow, Usage] = {}
         self._pending = Batch(self.replica_id, 0)
         self._sending: Batch | None = None
+        # The last batch the store took (what another replica may be about to send).
+        self._last_sent: Batch | None = None
         # Requests in flight and their reservations, per key, over the replica's workers.
         self._counts = counts or KeyCounts(PodLock(1), 1)
         self._active: dict[str, float] = {}
@@ -193,6 +196,13 @@ class QuotaLedger:
             except Refusal:
                 self._counts.leave(name, reserve)
                 raise
+            # The estimate of the others' unseen usage holds for a view at most an
+            # interval old. An older one (this replica's flush queued at the store behind
+            # the others' confirmations, at a few hundred requests a second) cannot tell
+            # how near a limit the key is: it counts as near.
+            near = near or (
+                self.store.shared and now - self.last_flush_at > 2 * self.flush_interval
+            )
         # Once near a limit, a key stays on confirmed admissions for a minute: another
         # replica's unflushed admissions are exactly what the local view cannot see.
         if near:
@@ -246,7 +256,7 @@ class QuotaLedger:
         limit = policy.tokens_per_day
         if limit is not None:
             committed = self._day_counts(name, day).tokens + reserved
-            unseen = others * (self._unflushed((name, day), _DAYS).tokens + reserved)
+            unseen = others * (self._share((name, day), _DAYS).tokens + reserved)
             if committed + tokens > limit:
                 left = max(0, limit - committed)
                 raise Refusal(
@@ -266,7 +276,7 @@ class QuotaLedger:
         frac = (now % 60) / 60
         cur = self._minute_counts(name, minute)
         prev = self._minute_counts(name, minute - 1)
-        unseen_minute = self._unflushed((name, minute), _MINUTES)
+        unseen_minute = self._share((name, minute), _MINUTES)
         # The two sliding windows, alike: (limit, previous minute, wanted now with this
         # request, this request's own share, what the other replicas may not have shown).
         windows = (
@@ -347,7 +357,7 @@ class QuotaLedger:
             self._global_days.update(totals.days)
             self._global_minutes.update(totals.minutes)
             self.replicas = max(self._workers, totals.replicas)
-            self._sending = None
+            self._last_sent, self._sending = self._sending, None
             if not self.store_ok:
                 log.info(
                     "quota store back; buffered usage flushed",
@@ -425,6 +435,21 @@ class QuotaLedger:
         total = self._unflushed(window, of)
         total.add(global_totals.get(window, _EMPTY))
         return total
+
+    def _share(self, window: Any, of: Callable[[Batch], dict[Any, Usage]]) -> Usage:
+        """What another replica may hold of `window` that the store has not shown yet,
+        guessed from this one's own: its unflushed deltas, or what it sent at its last
+        flush if that was more (another's flush timer runs on its own: just after this
+        one flushed, the others may be about to send a whole interval's worth)."""
+        share = self._unflushed(window, of)
+        last = of(self._last_sent).get(window) if self._last_sent is not None else None
+        if last is not None:
+            share = Usage(
+                max(share.prompt_tokens, last.prompt_tokens),
+                max(share.completion_tokens, last.completion_tokens),
+                max(share.requests, last.requests),
+            )
+        return share
 
     def _unflushed(self, window: Any, of: Callable[[Batch], dict[Any, Usage]]) -> Usage:
         """This replica's deltas of `window` not yet in the store's totals."""

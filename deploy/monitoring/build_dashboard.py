@@ -470,6 +470,13 @@ def dashboard() -> dict[str, Any]:
         stack=True,
     )
     L.panel(
+        "Replicas sharing the store",
+        [q(f"max by (instance) (tollgate_quota_replicas{{{GW}}})", "{{instance}}")],
+        description="Processes sharing the quota store, as each replica's last flush counted"
+        " them; each admits about a limit / this before confirming with the store. Replicas"
+        " that disagree for more than a flush interval are not all reaching the store.",
+    )
+    L.panel(
         "Flush errors",
         [
             q(

@@ -58,6 +58,10 @@ def gateway_scrape(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 "BREAKER_FAILURE_THRESHOLD": "1",
                 "BREAKER_OPEN_SECONDS": "0.3",
                 "QUOTA_FLUSH_INTERVAL_SECONDS": "0.1",
+                # The replica-choice families too: the vLLM scorer and the fair queue.
+                "GATEWAY_ROUTING": "vllm",
+                "GATEWAY_ROUTING_SCRAPE_SECONDS": "0.1",
+                "GATEWAY_UPSTREAM_MAX_IN_FLIGHT": "64",
             },
         )
         try:
@@ -101,6 +105,9 @@ def _exercise(gateway: Gateway) -> str:
         "tollgate_upstream_errors_total",
         "tollgate_circuit_breaker_transitions_total",
         "tollgate_quota_flush_duration_seconds_bucket",
+        "tollgate_upstream_vllm_requests_running",
+        "tollgate_upstream_prefill_bytes",
+        "tollgate_queue_waiting",
     }
 
     def complete() -> str | None:

@@ -137,3 +137,23 @@ def test_a_recently_active_light_key_finds_its_place_held(make_sim, make_gateway
         codes = [f.result() for f in heavies]
     assert light.status_code == 200 and codes == [200] * 5
     assert finished[0] == "light", finished  # it did not wait for a heavy one to end
+
+
+def test_with_every_breaker_open_a_request_is_refused_not_queued(make_sim, make_gateway) -> None:
+    """The queue waits for a place on a full replica, not for a broken one to heal: with
+    the breaker open, a request is refused at once, as without the queue."""
+    sim = make_sim()
+    gw = make_gateway(
+        sim.url,
+        GATEWAY_UPSTREAM_MAX_IN_FLIGHT="2",
+        GATEWAY_QUEUE_TIMEOUT_SECONDS="30",
+        BREAKER_FAILURE_THRESHOLD="1",
+        BREAKER_OPEN_SECONDS="60",
+    )
+    assert _post(gw.url, KEY_A, **{"x-sim-fault": "error"}).status_code == 500
+    started = time.monotonic()
+    refused = _post(gw.url, KEY_A)
+    assert refused.status_code == 503, refused.text
+    assert "circuit breaker" in refused.json()["error"]["message"]
+    assert time.monotonic() - started < scaled(10)  # not the queue's 30 s
+    assert _waiting(gw.url) == 0

@@ -343,14 +343,14 @@ class UpstreamPool:
 
     def has_room(self, model: str | None, pending: int) -> bool:
         """Whether the replicas serving `model` have a place for one more request beyond
-        `pending` ones on their way (the fair queue's question)."""
+        `pending` ones on their way (the fair queue's question). With none available
+        (breakers open, none healthy) there is nothing to wait for: yes, and the request's
+        route refuses it at once, as without the queue."""
         cap = self._cap
         if cap is None:
             return True
-        free = sum(
-            max(0, cap - u.inflight) for u in self.upstreams if u.available() and u.serves(model)
-        )
-        return free > pending
+        usable = [u for u in self.upstreams if u.available() and u.serves(model)]
+        return not usable or sum(max(0, cap - u.inflight) for u in usable) > pending
 
     def places(self) -> int:
         """Every place on the available replicas (0 without a limit): the fair queue's

@@ -398,6 +398,49 @@ def dashboard() -> dict[str, Any]:
         stack=True,
     )
     L.panel(
+        "vLLM queue per upstream",
+        [
+            q(
+                f"max by (upstream) (tollgate_upstream_vllm_requests_running{{{GW}}})",
+                "{{upstream}} running",
+            ),
+            q(
+                f"max by (upstream) (tollgate_upstream_vllm_requests_waiting{{{GW}}})",
+                "{{upstream}} waiting",
+            ),
+        ],
+        description="Each replica's own vLLM metrics as the gateway last read them"
+        " (GATEWAY_ROUTING=vllm; empty otherwise): what the scorer ranks replicas by.",
+    )
+    L.panel(
+        "vLLM KV-cache use",
+        [
+            q(
+                f"max by (upstream) (tollgate_upstream_vllm_kv_cache_usage{{{GW}}})",
+                "{{upstream}}",
+            )
+        ],
+        description="Each replica's KV-cache use at the gateway's last read (GATEWAY_ROUTING"
+        "=vllm); near 1 the replica preempts and its latency climbs.",
+        unit="percentunit",
+    )
+    L.panel(
+        "Prefill work sent, not yet answered",
+        [q(f"sum by (upstream) (tollgate_upstream_prefill_bytes{{{GW}}})", "{{upstream}}")],
+        description="Prompt bytes sent to each replica that have had no answer byte yet, all"
+        " gateway replicas: the scorer's prefill term (GATEWAY_ROUTING=vllm). A replica far"
+        " above the others is computing a long prompt.",
+        unit="bytes",
+        stack=True,
+    )
+    L.panel(
+        "Waiting for a place",
+        [q(f"sum by (instance) (tollgate_queue_waiting{{{GW}}})", "{{instance}}")],
+        description="Requests waiting in the fair queues because every replica of their model"
+        " is at GATEWAY_UPSTREAM_MAX_IN_FLIGHT (or its places are held for other keys).",
+        stack=True,
+    )
+    L.panel(
         "Circuit breaker state",
         [
             q(

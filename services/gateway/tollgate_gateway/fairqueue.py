@@ -49,22 +49,18 @@ class _Waiter:
 
 @dataclass(slots=True)
 class _Key:
+    """A key in the queue: its places per turn, its waiters, its requests holding a place
+    (`turn`) or wanting one, and its recent peak of those two."""
+
     weight: int
     waiters: deque[_Waiter] = field(default_factory=deque)
-
-
-@dataclass(slots=True)
-class _Demand:
-    """A key's requests let through and not ended, waiting, and its recent peak of both."""
-
-    weight: int
     inflight: int = 0
-    waiting: int = 0
+    wanting: int = 0
     peak: int = 0
     peak_at: float = 0.0
 
     def seen(self, now: float) -> None:
-        demand = self.inflight + self.waiting
+        demand = self.inflight + self.wanting
         if demand >= self.peak or now - self.peak_at > DEMAND_WINDOW:
             self.peak, self.peak_at = demand, now
 
@@ -90,9 +86,8 @@ class FairQueue:
         self._places = places
         self._clock = clock
         self.timeout = timeout
-        self._keys: dict[str, _Key] = {}
+        self._keys: dict[str, _Key] = {}  # with waiters, or active in the last window
         self._turns: list[str] = []  # keys with waiters, in rotation
-        self._demand: dict[str, _Demand] = {}
         self._pending = 0
         self.waiting = 0
 
@@ -100,37 +95,44 @@ class FairQueue:
     async def turn(self, key: str, priority: int, model: str | None) -> AsyncIterator[None]:
         """Wait for a place (`wait_turn`), then hold it, as the key's, until the request
         ends."""
-        demand = self._demand.get(key)
-        if demand is None:
-            demand = self._demand[key] = _Demand(1 + max(priority, 0))
-        demand.waiting += 1  # also while on the fast path: it counts towards the peak
-        demand.seen(self._clock())
+        entry = self._entry(key, priority)
+        entry.wanting += 1  # also while on the fast path: it counts towards the peak
+        entry.seen(self._clock())
         try:
             await self.wait_turn(key, priority, model)
         finally:
-            demand.waiting -= 1
-        demand.inflight += 1
+            entry.wanting -= 1
+        entry.inflight += 1
         try:
             yield
         finally:
-            demand.inflight -= 1
+            entry.inflight -= 1
             self.wake()
+
+    def _entry(self, key: str, priority: int) -> _Key:
+        """The key's entry, its weight from this request's policy (a reload may change it)."""
+        weight = 1 + max(priority, 0)
+        entry = self._keys.get(key)
+        if entry is None:
+            entry = self._keys[key] = _Key(weight)
+        entry.weight = weight
+        return entry
 
     def reserved(self) -> dict[str, int]:
         """Per recently active key, the places held back for it: up to its recent peak,
         at most its weighted share of all places, less its requests in flight. O(active
         keys), once per request and per wake."""
-        demands = self._demand
-        if len(demands) < 2:
+        keys = self._keys
+        if len(keys) < 2:
             return {}
         now = self._clock()
         active = []
-        for k, d in list(demands.items()):
+        for k, d in list(keys.items()):
             peak = d.recent_peak(now)
-            if peak or d.inflight or d.waiting:
+            if peak or d.inflight or d.wanting:
                 active.append((k, d, peak))
-            else:
-                del demands[k]  # quiet for a window: no longer a share
+            elif not d.waiters:
+                del keys[k]  # quiet for a window: no longer a share
         if len(active) < 2:
             return {}
         total_weight = sum(d.weight for _, d, _ in active)
@@ -160,9 +162,7 @@ class FairQueue:
                 reason="overload",
             )
         waiter = _Waiter(model, asyncio.get_running_loop().create_future())
-        entry = self._keys.get(key)
-        if entry is None:
-            entry = self._keys[key] = _Key(1 + priority)
+        entry = self._entry(key, priority)
         if not entry.waiters:
             self._turns.append(key)
         entry.waiters.append(waiter)
@@ -218,7 +218,7 @@ class FairQueue:
                 self._pending += 1
                 served += 1
             if not entry.waiters:
-                del turns[i], self._keys[key]
+                del turns[i]  # the entry stays while the key is active (`reserved`)
             elif served:
                 del turns[i]
                 turns.append(key)

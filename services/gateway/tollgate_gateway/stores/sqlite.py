@@ -83,7 +83,13 @@ class SqliteStore:
             db.executescript(SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(tollgate_flushes)")}
             if "updated_at" not in columns:
-                db.execute(_FLUSH_TIMES)
+                try:
+                    db.execute(_FLUSH_TIMES)
+                except sqlite3.OperationalError as exc:
+                    # The pod's other worker, starting at the same moment, added it first:
+                    # failing here would leave this worker on its own counts (fail-open).
+                    if "duplicate column" not in str(exc):
+                        raise
             return db
 
         self._db = await asyncio.to_thread(connect)

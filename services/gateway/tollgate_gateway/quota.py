@@ -21,7 +21,7 @@ overlaps the last 60 s). Concurrent requests, and the tokens they reserved, are 
 per replica: its workers share them (`podshare.KeyCounts`).
 
 Over-admission bound: a replica sees other replicas' usage at most one flush interval
-late. Far from a limit that does not matter; within `exact_margin` of one (20 % by
+late. Far from a limit that does not matter; within `exact_margin` of one (30 % by
 default), and when replicas share the store, each admission is confirmed against the
 store: its counts go there in one atomic flush that returns the global totals, and the
 limits are checked again on those. "Near" counts the other replicas' unflushed share as
@@ -84,7 +84,7 @@ class QuotaLedger:
         flush_interval: float,
         fail_closed: bool = False,
         clock: Callable[[], float] = time.time,
-        exact_margin: float = 0.2,
+        exact_margin: float = 0.3,
         counts: KeyCounts | None = None,
         workers: int = 1,
     ) -> None:

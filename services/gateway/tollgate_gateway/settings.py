@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     quota_fail_closed: bool = False
     # Within this fraction of a key's limit, admissions are confirmed against the shared
     # store (one round trip) instead of the last flushed view; 0 turns that off.
-    quota_exact_margin: float = Field(0.2, ge=0, le=1)
+    quota_exact_margin: float = Field(0.3, ge=0, le=1)
     # Tokens reserved at admission for a request without max_tokens.
     quota_default_reserve_tokens: int = Field(1024, ge=0)
 

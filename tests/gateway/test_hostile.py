@@ -297,6 +297,39 @@ def test_past_the_connection_cap_a_client_gets_503(make_sim, make_gateway) -> No
     gw.wait_for(lambda: _chat(gw, CHAT).status_code == 200, "a new client to be served again")
 
 
+def test_request_heads_are_bounded(gateway: Gateway) -> None:
+    """Headers past 64 KiB get an OpenAI-shaped 431; a header line that never ends is not
+    buffered until the header deadline: the gateway stops reading it after 1 MiB."""
+    sock = _connect(gateway)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        + b"X-Pad: %s\r\n" % (b"a" * 1000) * 70
+        + b"\r\n"
+    )
+    answer = b""
+    while not answer.endswith(b"}}"):
+        part = sock.recv(65536)
+        if not part:
+            break
+        answer += part
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == (
+        "request_header_too_large"
+    )
+    assert _closed(sock)
+
+    endless = _connect(gateway)
+    endless.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+    started, sent = time.monotonic(), 0
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        while sent < 256 << 20:
+            sent += endless.send(b"a" * 65536)
+    # (Kernel buffers hold a few MiB more than the gateway read.)
+    assert sent < 64 << 20, f"the gateway took {sent >> 20} MiB of one header"
+    assert time.monotonic() - started < scaled(5)
+    assert _chat(gateway, CHAT).status_code == 200
+
+
 def _response(sock: socket.socket, buffer: bytearray, head_only: bool = False) -> bytes:
     """One response off a keep-alive connection: its head, then content-length bytes."""
     while b"\r\n\r\n" not in buffer:

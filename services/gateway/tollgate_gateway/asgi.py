@@ -15,6 +15,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+# The scope extension the gateway's server protocol (`connections.py`) adds:
+# `scope["extensions"][ON_DISCONNECT](callback)` has `callback` run once if the client
+# leaves before the response ends (at once if it already has; None takes it back). It
+# replaces a task per request waiting on `receive` for `http.disconnect`.
+ON_DISCONNECT = "tollgate.on_disconnect"
+
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 

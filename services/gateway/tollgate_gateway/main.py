@@ -25,7 +25,7 @@ import uvicorn
 
 from tollgate_gateway.app import Gateway
 from tollgate_gateway.config_watch import ConfigError
-from tollgate_gateway.connections import guarded_protocol
+from tollgate_gateway.connections import client_protocol
 from tollgate_gateway.logs import configure_logging
 from tollgate_gateway.podshare import PodShare
 from tollgate_gateway.settings import Settings, SettingsError, load_settings
@@ -105,7 +105,7 @@ def run(
         host=settings.gateway_host,
         port=settings.gateway_port,
         loop="uvloop",
-        http=guarded_protocol(
+        http=client_protocol(
             settings.gateway_header_timeout_seconds,
             settings.gateway_body_timeout_seconds,
             settings.gateway_max_connections,

@@ -29,10 +29,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tollgate_gateway import endpoints, errors
-from tollgate_gateway.asgi import Receive, Scope, Send, request_id_for, send_refusal
+from tollgate_gateway.asgi import ON_DISCONNECT, Receive, Scope, Send, request_id_for, send_refusal
 from tollgate_gateway.config_watch import CurrentConfig
 from tollgate_gateway.endpoints import Body, Endpoint, Stream
 from tollgate_gateway.errors import ErrorKind, Refusal
@@ -166,7 +166,10 @@ class Proxy:
             async with place:
                 affinity = self._affinity(ingress.session, key.name)
                 upstream = self.route(record, outgoing, affinity, scope["path"])
-                await self.forward(record, receive, send, upstream, outgoing, ingress, affinity)
+                on_disconnect = scope["extensions"][ON_DISCONNECT]
+                await self.forward(
+                    record, on_disconnect, send, upstream, outgoing, ingress, affinity
+                )
         except Refusal as refusal:
             record.status, record.error = refusal.kind.status, refusal.kind.code
             record.rejection = refusal.reason
@@ -305,7 +308,7 @@ class Proxy:
     async def forward(
         self,
         record: RequestRecord,
-        receive: Receive,
+        on_disconnect: Callable[[Callable[[], None] | None], None],
         send: Send,
         upstream: Upstream,
         out: Outgoing,
@@ -324,7 +327,13 @@ class Proxy:
             headers["content-type"] = out.content_type
         task = asyncio.current_task()
         assert task is not None
-        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, record, task))
+
+        def client_left() -> None:
+            if record.phase in (Phase.RECEIVING, Phase.RESPONDING):
+                record.phase = Phase.ABANDONED
+                task.cancel()
+
+        on_disconnect(client_left)
         retried = False
         attempt: Attempt | None = None
         try:
@@ -355,7 +364,7 @@ class Proxy:
                 raise
             task.uncancel()
         finally:
-            watcher.cancel()
+            on_disconnect(None)
 
     def _other(self, out: Outgoing, failed: Upstream, affinity: str | None) -> Upstream | None:
         other = self.pool.pick(out.model, affinity, exclude=failed, body=out.body)
@@ -542,19 +551,6 @@ class Proxy:
 
 def _error_event(kind: ErrorKind, message: str) -> bytes:
     return b"data: " + errors.error_body(kind, message) + b"\n\n"
-
-
-async def _watch_disconnect(
-    receive: Receive, record: RequestRecord, task: asyncio.Task[Any]
-) -> None:
-    """Cancel the request's task when its client disconnects before the answer ended."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            if record.phase in (Phase.RECEIVING, Phase.RESPONDING):
-                record.phase = Phase.ABANDONED
-                task.cancel()
-            return
 
 
 def _refusal_for_failure(failure: UpstreamFailure) -> Refusal:

@@ -13,6 +13,7 @@ import logging
 import select
 import sys
 import time
+from json.encoder import encode_basestring_ascii
 from typing import Any, TextIO
 
 from tollgate_gateway.record import Phase, RequestRecord
@@ -57,11 +58,29 @@ def configure_logging(level: str) -> None:
     logging.getLogger("uvicorn.access").disabled = True
 
 
+# The request line's fields, in order; a template rather than `json.dumps` of a dict,
+# which cost 2.5 times as much on every request. Strings go through the json module's
+# own escaping; numbers are Python's repr, as `json.dumps` writes them.
+_REQUEST_LINE = (
+    '{"ts":"%s","level":"info","logger":"tollgate.access","msg":"request","event":"request",'
+    '"request_id":%s,"key":%s,"model":%s,"route":%s,"operation":%s,"stream":%s,"status":%d,'
+    '"upstream_status":%s,"error":%s,"prompt_tokens":%d,"completion_tokens":%d,'
+    '"usage_exact":%s,"latency_ms":%r,"ttft_ms":%s,"overhead_ms":%r,'
+    '"client_disconnected":%s}'
+)
+_NULL = "null"
+_BOOL = {True: "true", False: "false"}
+
+
+def _text(value: str | None) -> str:
+    return _NULL if value is None else encode_basestring_ascii(value)
+
+
 class AccessLog:
     """The one line per request, written in batches.
 
     It runs on every request, so it skips the logging module (record objects, handler
-    locks, a write and flush per line): a line is one `json.dumps` and a list append, and
+    locks, a write and flush per line): a line is one template filled and appended, and
     the lines leave together at most `interval` seconds later (or every `max_lines`).
     `flush` runs at shutdown; a crash loses at most `interval` of log lines, never usage.
     The workers of a pod share stdout, a pipe: each write holds whole lines and at most
@@ -91,32 +110,28 @@ class AccessLog:
             return
         usage = ex.usage
         ttft = ex.ttft_seconds
-        entry = {
-            "ts": self._timestamp(),
-            "level": "info",
-            "logger": "tollgate.access",
-            "msg": "request",
-            "event": "request",
-            "request_id": ex.request_id,
-            "key": ex.key_name,
-            "model": ex.model,
-            "route": ex.route,
-            "operation": ex.operation,
-            "stream": ex.stream,
-            "status": ex.status,
-            "upstream_status": ex.upstream_status,
-            "error": ex.error,
-            "prompt_tokens": usage.prompt_tokens if usage else 0,
-            "completion_tokens": usage.completion_tokens if usage else 0,
-            "usage_exact": ex.usage_exact if usage else None,
-            "latency_ms": round(latency_seconds * 1000, 3),
-            "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
-            "overhead_ms": round((latency_seconds - ex.upstream_seconds) * 1000, 3),
-            "client_disconnected": ex.phase is Phase.ABANDONED,
-        }
+        line = _REQUEST_LINE % (
+            self._timestamp(),
+            _text(ex.request_id),
+            _text(ex.key_name),
+            _text(ex.model),
+            _text(ex.route),
+            _text(ex.operation),
+            _BOOL[ex.stream],
+            ex.status,
+            _NULL if ex.upstream_status is None else ex.upstream_status,
+            _text(ex.error),
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+            _BOOL[ex.usage_exact] if usage else _NULL,
+            round(latency_seconds * 1000, 3),
+            _NULL if ttft is None else round(ttft * 1000, 3),
+            round((latency_seconds - ex.upstream_seconds) * 1000, 3),
+            _BOOL[ex.phase is Phase.ABANDONED],
+        )
         if self.worker is not None:
-            entry["worker"] = self.worker
-        self._lines.append(json.dumps(entry, separators=(",", ":")))
+            line = f'{line[:-1]},"worker":{self.worker}}}'
+        self._lines.append(line)
         if len(self._lines) >= self.max_lines:
             self.flush()
         elif self._timer is None:

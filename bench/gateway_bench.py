@@ -1,14 +1,16 @@
 """Benchmark: the same workload direct to the simulator, through nginx and through the
 gateway, in one run.
 
-Prints, per workload and concurrency: throughput, p50/p99 latency (time to first byte for
-streams), CPU milliseconds per request of the process under test (read from its own CPU
-time, so the figure does not depend on the simulator's speed), the simulator's CPU per
-request (it must stay far below the gateway's), the gateway's RSS, the median
-`x-tollgate-overhead-ms`, and the ratios to direct and to nginx (a plain reverse proxy,
-one worker, keep-alive upstream, buffering off: the floor a proxy can reach here;
-`nginx-light` is installed with apt-get when missing, and the row is left out if it
-cannot be). Also the gateway's idle RSS and its
+Workloads: 16-token chats; 64-token streams as fast as the simulator writes them (a few
+reads each: the per-request cost); and 64-token streams at 5 ms a token (a read per
+token, as from a real model: the per-chunk cost). Prints, per workload and concurrency:
+throughput, p50/p99 latency (time to first byte for streams), CPU milliseconds per
+request of the process under test (read from its own CPU time, so the figure does not
+depend on the simulator's speed), the simulator's CPU per request (it must stay far below
+the gateway's), the gateway's RSS, the median `x-tollgate-overhead-ms`, and the ratios to
+direct and to nginx (a plain reverse proxy, one worker, keep-alive upstream, buffering
+off: the floor a proxy can reach here; `nginx-light` is installed with apt-get when
+missing, and the row is left out if it cannot be). Also the gateway's idle RSS and its
 start-to-ready time. It passes or fails nothing.
 
     make bench                       # or: .venv/bin/python bench/gateway_bench.py --quick
@@ -190,10 +192,12 @@ class Result:
         return self.requests / self.seconds
 
 
-async def drive(url: str, body: bytes, stream: bool, concurrency: int, total: int) -> tuple:
+async def drive(
+    url: str, body: bytes, stream: bool, concurrency: int, total: int, extra: dict[str, str]
+) -> tuple:
     latencies: list[float] = []
     overheads: list[float] = []
-    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+    headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json", **extra}
     remaining = total
     connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=3)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -232,10 +236,13 @@ def measure(
     stream: bool,
     concurrency: int,
     total: int,
+    headers: dict[str, str] | None = None,
 ) -> Result:
-    asyncio.run(drive(url, body, stream, concurrency, max(50, total // 10)))  # warm-up
+    """`headers`: more request headers (the simulator's `x-sim-*` knobs)."""
+    extra = headers or {}
+    asyncio.run(drive(url, body, stream, concurrency, max(50, total // 10), extra))  # warm-up
     cpu_t, cpu_s = cpu_seconds(target), cpu_seconds(sim)
-    seconds, latencies, overheads = asyncio.run(drive(url, body, stream, concurrency, total))
+    seconds, latencies, overheads = asyncio.run(drive(url, body, stream, concurrency, total, extra))
     return Result(
         requests=total,
         seconds=seconds,
@@ -277,6 +284,8 @@ def main() -> None:
         "GATEWAY_IP_RATE_PER_SECOND": "1000000",
         "GATEWAY_WORKERS": str(args.workers),
         "GATEWAY_METRICS_PORT": str(free_port()),
+        # The paced workload's knob reaches the simulator (one prefix check per header).
+        "GATEWAY_FORWARD_HEADERS": "x-sim-*",
     }
     wait_http(f"http://127.0.0.1:{sim_port}/health")
     started = time.monotonic()
@@ -302,12 +311,17 @@ def main() -> None:
         )
         print(header)
         print("-" * len(header))
+        # (name, body, stream, simulator knobs, (concurrency, requests) runs). The paced
+        # stream is what a client of a real model sees: one read per token, 5 ms apart,
+        # where the other stream arrives in a few reads and measures the per-request cost.
+        stream_body = CHAT % (64, b',"stream":true')
         workloads = [
-            ("non-stream 16 tok", CHAT % (16, b""), False),
-            ("stream 64 tok", CHAT % (64, b',"stream":true'), True),
+            ("non-stream 16 tok", CHAT % (16, b""), False, {}, ((1, 2000), (32, 16000))),
+            ("stream 64 tok", stream_body, True, {}, ((1, 2000), (32, 16000))),
+            ("stream 64 @5ms", stream_body, True, {"x-sim-itl-ms": "5"}, ((32, 1280),)),
         ]
-        for name, body, stream in workloads:
-            for concurrency, total in ((1, 2000), (32, 16000)):
+        for name, body, stream, knobs, runs in workloads:
+            for concurrency, total in runs:
                 n = int(total * scale * (0.5 if stream else 1))
                 label = f"{name} c={concurrency}"
                 direct = measure(
@@ -318,10 +332,11 @@ def main() -> None:
                     stream,
                     concurrency,
                     n,
+                    knobs,
                 )
                 floor = (
                     measure(nginx[1], sim_proc, nginx[0] + "/v1/chat/completions", body,
-                            stream, concurrency, n)
+                            stream, concurrency, n, knobs)
                     if nginx is not None
                     else None
                 )  # fmt: skip
@@ -333,6 +348,7 @@ def main() -> None:
                     stream,
                     concurrency,
                     n,
+                    knobs,
                 )
                 ovh = statistics.median(proxied.overheads) if proxied.overheads else 0.0
                 print(

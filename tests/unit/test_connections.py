@@ -295,3 +295,26 @@ def test_an_answer_before_an_expected_body_ends_the_connection() -> None:
             writer.close()
 
     run(main())
+
+
+def test_an_application_failing_before_its_body_is_a_500_not_half_an_answer() -> None:
+    """A head with a length is written with the body: if the application fails between
+    the two, nothing was sent, so the client gets a whole 500 rather than a 200 head on a
+    connection that then closes."""
+
+    async def failing(scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(b"content-length", b"10")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        raise RuntimeError("failed between head and body")
+
+    async def main() -> None:
+        async with serving(failing) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            head, body = await read_response(reader)
+            assert head.startswith(b"http/1.1 500"), head
+            assert b'"code":"internal_error"' in body
+            assert await closed(reader)
+            writer.close()
+
+    run(main())

@@ -96,6 +96,7 @@ class _Request:
         "disconnected",
         "handed_over",
         "head_only",
+        "held",
         "keep_alive",
         "left",
         "more_body",
@@ -119,6 +120,7 @@ class _Request:
         self.complete = False
         self.chunked = False
         self.remaining = 0  # content-length bytes still to send
+        self.held = b""  # a content-length head, written with the first body bytes
         self.waiters: list[asyncio.Future[None]] = []
         self.left: Callable[[], None] | None = None
         scope["extensions"] = {ON_DISCONNECT: self.on_disconnect}
@@ -164,7 +166,10 @@ class _Request:
             head = self._head(message["status"], message.get("headers", ()))
             self.started = True
             self.continue_wanted = False  # (after `_head`, which reads it)
-            conn.transport.write(head)
+            if self.remaining and not (self.chunked or self.head_only):
+                self.held = head  # one write for a whole answer, not two
+            else:
+                conn.transport.write(head)
             return
         if self.complete or message["type"] != "http.response.body":
             raise RuntimeError(f"unexpected ASGI message {message['type']!r}")
@@ -183,6 +188,8 @@ class _Request:
             self.remaining -= len(body)
             if self.remaining < 0:
                 raise RuntimeError("response body longer than its content-length")
+            if self.held:
+                body, self.held = self.held + body, b""
             if body:
                 conn.transport.write(body)
         if not more:
@@ -440,8 +447,8 @@ class ClientConnection(asyncio.Protocol):
         except BaseException as exc:
             if not isinstance(exc, asyncio.CancelledError):
                 log.error("the application failed", exc_info=exc)
-            if not request.started and not request.disconnected:
-                self.transport.write(_FAILED)
+            if (not request.started or request.held) and not request.disconnected:
+                self.transport.write(_FAILED)  # nothing was written yet
             if not request.complete:
                 self.transport.close()
             return

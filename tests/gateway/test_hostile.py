@@ -240,6 +240,17 @@ def _connect(gw: Gateway) -> socket.socket:
     return sock
 
 
+def _error_answer(sock: socket.socket) -> bytes:
+    """An error answer the gateway ends the connection after: up to its JSON's end."""
+    answer = b""
+    while not answer.endswith(b"}}"):
+        part = sock.recv(65536)
+        if not part:
+            break
+        answer += part
+    return answer
+
+
 def _closed(sock: socket.socket) -> bool:
     try:
         return sock.recv(65536) == b""
@@ -284,12 +295,7 @@ def test_past_the_connection_cap_a_client_gets_503(make_sim, make_gateway) -> No
     gw = make_gateway(sim.url, GATEWAY_MAX_CONNECTIONS="3", GATEWAY_HEADER_TIMEOUT_SECONDS="30")
     held = [_connect(gw) for _ in range(3)]
     extra = _connect(gw)
-    answer = b""
-    while not answer.endswith(b"}}"):
-        part = extra.recv(65536)
-        if not part:
-            break
-        answer += part
+    answer = _error_answer(extra)
     assert answer.startswith(b"HTTP/1.1 503")
     assert b'"code":"gateway_overloaded"' in answer
     for sock in held:
@@ -306,12 +312,7 @@ def test_request_heads_are_bounded(gateway: Gateway) -> None:
         + b"X-Pad: %s\r\n" % (b"a" * 1000) * 70
         + b"\r\n"
     )
-    answer = b""
-    while not answer.endswith(b"}}"):
-        part = sock.recv(65536)
-        if not part:
-            break
-        answer += part
+    answer = _error_answer(sock)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == (
         "request_header_too_large"

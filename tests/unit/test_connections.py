@@ -12,33 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine, Iterator
-from typing import Any
+from collections.abc import AsyncIterator
 
-import pytest
 import uvicorn
+from loops import event_loop_kind, run  # noqa: F401 (the fixture)
 from servers import scaled
 
 from tollgate_gateway.asgi import ASGIApp, Receive, Scope, Send
 from tollgate_gateway.connections import MAX_HEAD, client_protocol
-
-LOOP = ["asyncio"]
-
-
-@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
-def event_loop_kind(request: pytest.FixtureRequest) -> Iterator[str]:
-    LOOP[0] = request.param
-    yield request.param
-    LOOP[0] = "asyncio"
-
-
-def run(coro: Coroutine[Any, Any, None]) -> None:
-    if LOOP[0] == "uvloop":
-        import uvloop
-
-        uvloop.run(coro)
-    else:
-        asyncio.run(coro)
 
 
 @contextlib.asynccontextmanager

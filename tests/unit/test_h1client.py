@@ -15,11 +15,12 @@ import shutil
 import ssl
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from loops import event_loop_kind, run  # noqa: F401 (the fixture)
 from servers import Sim, scaled
 
 from tollgate_gateway import h1client
@@ -28,28 +29,6 @@ from tollgate_gateway.h1client import Pool
 CHAT = b'{"model":"sim-llama","messages":[{"role":"user","content":"hi there"}],"max_tokens":%d%s}'
 JSON = {"content-type": "application/json"}
 TARGET = "/v1/chat/completions"
-
-
-LOOP = ["asyncio"]
-
-
-@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
-def event_loop_kind(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test on both loops: the gateway runs on uvloop, whose transports differ."""
-    if request.param == "uvloop":
-        pytest.importorskip("uvloop")
-    LOOP[0] = request.param
-    yield request.param
-    LOOP[0] = "asyncio"
-
-
-def run(coro: Coroutine[Any, Any, None]) -> None:
-    if LOOP[0] == "uvloop":
-        import uvloop
-
-        uvloop.run(coro)
-    else:
-        asyncio.run(coro)
 
 
 def chat(

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import psutil
-from gateway_bench import BIN, CHAT, KEY, free_port, measure, wait_http
+from gateway_bench import BIN, CHAT, free_port, gateway_process, measure, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAM = CHAT % (64, b',"stream":true')
@@ -60,31 +58,11 @@ def main() -> None:
         stack.callback(sim.terminate)
         wait_http(f"http://127.0.0.1:{sim_port}/health")
         code = f"{tree}/services/gateway:{tree}/services/contract"
-        gateways: dict[str, tuple[psutil.Process, str]] = {}
-        for name, extra in ((args.baseline, {"PYTHONPATH": code}), ("working tree", {})):
-            port = free_port()
-            env = {
-                **os.environ,
-                **extra,
-                "VLLM_URL": f"http://127.0.0.1:{sim_port}",
-                "GATEWAY_HOST": "127.0.0.1",
-                "GATEWAY_PORT": str(port),
-                "GATEWAY_API_KEYS": f"bench:{KEY}",
-                "GATEWAY_IP_RATE_PER_SECOND": "1000000",
-                "GATEWAY_METRICS_PORT": str(free_port()),
-                "GATEWAY_FORWARD_HEADERS": "x-sim-*",
-            }
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tollgate_gateway.main"],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            stack.callback(proc.wait, 30)
-            stack.callback(proc.terminate)
-            gateways[name] = (psutil.Process(proc.pid), f"http://127.0.0.1:{port}")
-        for _, url in gateways.values():
-            wait_http(url + "/ready")
+        shared = {"VLLM_URL": f"http://127.0.0.1:{sim_port}", "GATEWAY_FORWARD_HEADERS": "x-sim-*"}
+        gateways = {
+            name: stack.enter_context(gateway_process({**shared, **extra}))
+            for name, extra in ((args.baseline, {"PYTHONPATH": code}), ("working tree", {}))
+        }
         sim_proc = psutil.Process(sim.pid)
         base, new = gateways
         print(f"CPU ms per request, median of {args.rounds} rounds; baseline {args.baseline}\n")
@@ -93,11 +71,8 @@ def main() -> None:
             cpu: dict[str, list[float]] = {base: [], new: []}
             for round_ in range(args.rounds):
                 for name in (base, new) if round_ % 2 == 0 else (new, base):
-                    proc, url = gateways[name]
-                    result = measure(
-                        proc, sim_proc, url + "/v1/chat/completions", body, stream,
-                        concurrency, n, knobs,
-                    )  # fmt: skip
+                    url, proc = gateways[name]
+                    result = measure(proc, sim_proc, url, body, stream, concurrency, n, knobs)
                     cpu[name].append(result.cpu_target)
             before, after = statistics.median(cpu[base]), statistics.median(cpu[new])
             lower = sum(a < b for a, b in zip(cpu[new], cpu[base], strict=True))

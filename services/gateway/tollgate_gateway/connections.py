@@ -269,9 +269,7 @@ class ClientConnection(asyncio.Protocol):
         self.read_paused = False
         self.active: _Request | None = None  # the request being answered
         self.parsing: _Request | None = None  # the request whose body is being read
-        self.newest: _Request | None = None
         self.pipeline: deque[_Request] = deque()
-        self.reading = False  # between a request's first byte and its body's end
         self.in_head = False  # between a request's first byte and its head's end
         self.head_size = 0  # the request line and the headers parsed so far
         self.head_read = 0  # bytes read since the head began (after its first read)
@@ -331,8 +329,9 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             # No upgrades: the request is answered as plain HTTP, and the connection then
             # closed (what follows the head is not HTTP/1.1 any more).
-            if self.newest is not None:
-                self.newest.keep_alive = False
+            upgraded = self.pipeline[-1] if self.pipeline else self.active
+            if upgraded is not None:
+                upgraded.keep_alive = False
         except httptools.HttpParserError:
             self._refuse(_HEAD_TOO_LARGE if self.too_large else _MALFORMED)
 
@@ -362,7 +361,7 @@ class ClientConnection(asyncio.Protocol):
         self.headers = []
         self.expect = False
         self.head_size = self.head_read = 0
-        self.in_head = self.reading = True
+        self.in_head = True
         self._expire_in(self.header_timeout)
 
     def on_url(self, url: bytes) -> None:
@@ -407,7 +406,7 @@ class ClientConnection(asyncio.Protocol):
         if self.app_state:
             scope["state"] = self.app_state.copy()
         keep_alive = version != "1.0" and parser.should_keep_alive()
-        request = self.parsing = self.newest = _Request(self, scope, keep_alive, self.expect)
+        request = self.parsing = _Request(self, scope, keep_alive, self.expect)
         self._expire_in(self.body_timeout)
         if self.active is None:
             self._start(request)
@@ -426,7 +425,6 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         request, self.parsing = self.parsing, None
-        self.reading = False
         if request is not None:
             request.more_body = False
             request.wake()
@@ -472,8 +470,8 @@ class ClientConnection(asyncio.Protocol):
     def _between_requests(self) -> None:
         """The deadline once no request is being read: none while one is answered, the
         idle timeout when none is."""
-        if self.reading:
-            return
+        if self.in_head or self.parsing is not None:
+            return  # a request is being read: its own deadline applies
         if self.active is None:
             self._expire_in(self.idle_timeout)
         else:

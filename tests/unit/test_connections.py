@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import AsyncIterator
 
 import uvicorn
 from loops import event_loop_kind, run  # noqa: F401 (the fixture)
 from servers import scaled
 
-from tollgate_gateway.asgi import ASGIApp, Receive, Scope, Send
+from tollgate_gateway import connections
+from tollgate_gateway.asgi import ON_DISCONNECT, ASGIApp, Receive, Scope, Send
 from tollgate_gateway.connections import MAX_HEAD, client_protocol
 
 
@@ -299,3 +301,40 @@ def test_an_application_failing_before_its_body_is_a_500_not_half_an_answer() ->
             writer.close()
 
     run(main())
+
+
+def test_a_finished_request_is_freed_without_the_cycle_collector() -> None:
+    """Every request's objects go when it ends, by reference counting: one left in a
+    reference cycle waits for the cycle collector, whose passes cost the gateway ~5 % of
+    its CPU under load (and a full pass over the heap stalls every request)."""
+
+    async def registering(scope: Scope, receive: Receive, send: Send) -> None:
+        on_disconnect = scope["extensions"][ON_DISCONNECT]
+        on_disconnect(lambda: None)  # as the proxy does around its upstream call
+        await receive()
+        on_disconnect(None)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def requests_alive() -> int:
+        return sum(1 for o in gc.get_objects() if type(o) is connections._Request)
+
+    async def main() -> None:
+        async with serving(registering) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            for _ in range(20):
+                writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                _, body = await read_response(reader)
+                assert body == b"ok"
+            for _ in range(10):  # the last request's task ends after its last write
+                await asyncio.sleep(0)
+            alive = requests_alive()
+            assert alive == 0, f"{alive} of 20 requests answered but not freed"
+            writer.close()
+
+    gc.collect()
+    gc.disable()
+    try:
+        run(main())
+    finally:
+        gc.enable()

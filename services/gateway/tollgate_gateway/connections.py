@@ -450,6 +450,10 @@ class ClientConnection(asyncio.Protocol):
             if not request.complete:
                 self.transport.close()
             return
+        finally:
+            # The extension's bound method refers back to the request through its scope:
+            # without this, every request would wait for the cycle collector.
+            del request.scope["extensions"]
         if not request.complete and not request.disconnected:
             log.error("the application returned before its response ended")
             self.transport.close()

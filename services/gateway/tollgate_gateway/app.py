@@ -94,7 +94,7 @@ class Gateway:
                 self.lifecycle, self.pool, self.quota, self.current, self.config, self.queue
             )
         )
-        self.quota.on_flush = self.metrics.quota_flush.observe
+        self.quota.on_flush = self.metrics.observe_flush
         self.access_log = AccessLog(
             worker=share.keys.worker if settings.gateway_workers > 1 else None
         )

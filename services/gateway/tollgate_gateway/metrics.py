@@ -2,10 +2,13 @@
 once (the dashboard, the alert rules and the tests read these names).
 
 The request path touches metrics in one place, `GatewayMetrics.observe`, at the end of a
-request, with label children cached per label tuple (a dict lookup instead of
-prometheus-client's locked `labels()` per call). State that already lives elsewhere
-(breaker, in-flight count, quota store, config) is read at scrape time by a collector,
-never updated on the request path.
+request. Its counters and histograms are plain numbers in dicts keyed by label tuple
+(`Counts`, `Buckets`), turned into metric families only at scrape time: an update is a
+dict lookup and an add, where prometheus-client's own metric objects take a lock and a
+few calls per series (its histogram one per bucket it walks). Scrapes run on the
+gateway's loop (`metrics_server.py`), so no lock is needed. State that already lives
+elsewhere (breaker, in-flight count, quota store, config) is read at scrape time by a
+collector, never updated on the request path.
 
 Cardinality is bounded: `key` is a key's *name* from the configuration (never a key or a
 hash); `model` is a model the gateway knows (served, listed by the upstream, or named in a
@@ -24,19 +27,20 @@ that say a state or a time, named in `POD_MIN` and `POD_MAX`.
 
 from __future__ import annotations
 
+import itertools
 import platform
-from collections.abc import Callable, Iterable
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    ProcessCollector,
-    disable_created_metrics,
-    generate_latest,
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -51,8 +55,6 @@ if TYPE_CHECKING:
     from tollgate_gateway.upstream import UpstreamPool
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-# `*_created` series double the exposition and no dashboard or alert uses them.
-disable_created_metrics()  # type: ignore[no-untyped-call]
 OTHER_MODEL = "other"
 # Gauges whose pod value is the workers' lowest: up only if every worker says so; the
 # oldest flush and start.
@@ -103,86 +105,155 @@ REJECTION_REASONS = (
 )
 
 
+class Counts:
+    """A counter family as plain numbers, one per label tuple."""
+
+    __slots__ = ("documentation", "labels", "name", "values")
+
+    def __init__(self, name: str, documentation: str, labels: Iterable[str] = ()) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = list(labels)
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, labels: tuple[str, ...], amount: float = 1) -> None:
+        values = self.values
+        values[labels] = values.get(labels, 0) + amount
+
+    def family(self) -> Metric:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, value in self.values.items():
+            family.add_metric(labels, value)
+        return family
+
+
+class Buckets:
+    """A histogram family as plain numbers: per label tuple, the observations in each
+    bucket (not yet cumulative: one add per observation) and, last, their sum."""
+
+    __slots__ = ("_le", "bounds", "documentation", "labels", "name", "series")
+
+    def __init__(
+        self, name: str, documentation: str, labels: Iterable[str], bounds: Iterable[float]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = list(labels)
+        self.bounds = tuple(float(bound) for bound in bounds)
+        self._le = [*(floatToGoString(bound) for bound in self.bounds), "+Inf"]  # type: ignore[no-untyped-call]
+        self.series: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        counts = self.series.get(labels)
+        if counts is None:
+            counts = self.series[labels] = [0.0] * (len(self.bounds) + 2)
+        counts[bisect_left(self.bounds, value)] += 1  # the first bucket with value <= le
+        counts[-1] += value
+
+    def family(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, counts in self.series.items():
+            cumulative = itertools.accumulate(counts[:-1])
+            family.add_metric(labels, list(zip(self._le, cumulative, strict=True)), counts[-1])
+        return family
+
+
+class RequestFamilies(Collector):
+    """The request path's counters and histograms, as families at scrape time."""
+
+    def __init__(self, families: Iterable[Counts | Buckets]) -> None:
+        self.families = list(families)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families:
+            yield family.family()
+
+
 class GatewayMetrics:
     def __init__(self, state: StateCollector) -> None:
         """`state`: the gauges read from the gateway's parts at scrape time."""
-        self.registry = CollectorRegistry(auto_describe=True)
-        reg = self.registry
-        self.requests = Counter(
+        self.requests = Counts(
             "tollgate_requests",
             "Requests answered, by route, GenAI operation (chat, embeddings, responses, ...),"
             " model, key name and HTTP status.",
             ["route", "operation", "model", "key", "status"],
-            registry=reg,
         )
-        self.duration = Histogram(
+        self.duration = Buckets(
             "tollgate_request_duration_seconds",
             "Time from request to the last response byte, by route and model.",
             ["route", "model", "stream"],
-            buckets=_LATENCY,
-            registry=reg,
+            _LATENCY,
         )
-        self.ttft = Histogram(
+        self.ttft = Buckets(
             "tollgate_time_to_first_token_seconds",
             "Streams: time from request to the first streamed chunk"
             " (gen_ai.server.time_to_first_token).",
             ["model"],
-            buckets=_TTFT,
-            registry=reg,
+            _TTFT,
         )
-        self.tpot = Histogram(
+        self.tpot = Buckets(
             "tollgate_time_per_output_token_seconds",
             "Streams: time per output token after the first (gen_ai.server.time_per_output_token).",
             ["model"],
-            buckets=_TPOT,
-            registry=reg,
+            _TPOT,
         )
-        self.overhead = Histogram(
+        self.overhead = Buckets(
             "tollgate_gateway_overhead_seconds",
             "Time spent in the gateway itself, excluding waits on the upstream.",
             ["route"],
-            buckets=_OVERHEAD,
-            registry=reg,
+            _OVERHEAD,
         )
-        self.upstream_latency = Histogram(
+        self.upstream_latency = Buckets(
             "tollgate_upstream_latency_seconds",
             "Time spent waiting on the upstream (response headers, body, stream chunks).",
             ["route"],
-            buckets=_LATENCY,
-            registry=reg,
+            _LATENCY,
         )
-        self.tokens = Counter(
+        self.tokens = Counts(
             "tollgate_tokens",
             "Tokens counted from the upstream's usage, by key name, model, operation and type"
             " (input = prompt, output = completion; gen_ai.client.token.usage).",
             ["key", "model", "operation", "type"],
-            registry=reg,
         )
-        self.rejections = Counter(
+        self.rejections = Counts(
             "tollgate_rejections",
             "Requests refused by the gateway before reaching the upstream, by reason: "
             + ", ".join(REJECTION_REASONS)
             + "; and by key name ('none' before the key is known).",
             ["reason", "key"],
-            registry=reg,
         )
-        self.upstream_errors = Counter(
+        self.upstream_errors = Counts(
             "tollgate_upstream_errors",
             "Upstream failures seen by the gateway, by kind (unreachable, timeout,"
             " error, stream_broken, status_5xx).",
             ["kind"],
-            registry=reg,
         )
-        self.quota_flush = Histogram(
+        self.quota_flush = Buckets(
             "tollgate_quota_flush_duration_seconds",
             "Duration of successful flushes of usage to the quota store.",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-            registry=reg,
+            [],
+            (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
         )
-        reg.register(state)
-        ProcessCollector(registry=reg)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(
+            RequestFamilies(
+                (
+                    self.requests,
+                    self.duration,
+                    self.ttft,
+                    self.tpot,
+                    self.overhead,
+                    self.upstream_latency,
+                    self.tokens,
+                    self.rejections,
+                    self.upstream_errors,
+                    self.quota_flush,
+                )
+            )
+        )
+        self.registry.register(state)
+        ProcessCollector(registry=self.registry)
         self._known_models: frozenset[str] = frozenset()
-        self._children: dict[tuple[Any, ...], Callable[..., None]] = {}
 
     def set_known_models(self, models: Iterable[str]) -> None:
         self._known_models = frozenset(models)
@@ -197,40 +268,30 @@ class GatewayMetrics:
         model = self.model_label(ex.model)
         key = ex.key_name or "none"
         route = ex.route
-        self._inc(self.requests, (route, ex.operation, model, key, str(ex.status)))
+        self.requests.inc((route, ex.operation, model, key, str(ex.status)))
         if ex.rejection is not None:
-            self._inc(self.rejections, (ex.rejection, key))
+            self.rejections.inc((ex.rejection, key))
             return
-        self._observe(self.duration, (route, model, "true" if ex.stream else "false"), latency)
-        self._observe(self.overhead, (route,), latency - ex.upstream_seconds)
+        self.duration.observe((route, model, "true" if ex.stream else "false"), latency)
+        self.overhead.observe((route,), latency - ex.upstream_seconds)
         if ex.upstream_status is not None or ex.upstream_seconds:
-            self._observe(self.upstream_latency, (route,), ex.upstream_seconds)
+            self.upstream_latency.observe((route,), ex.upstream_seconds)
         if ex.upstream_error is not None:
-            self._inc(self.upstream_errors, (ex.upstream_error,))
+            self.upstream_errors.inc((ex.upstream_error,))
         usage = ex.usage
         if usage is not None:
             if usage.prompt_tokens:
-                self._inc(self.tokens, (key, model, ex.operation, "input"), usage.prompt_tokens)
+                self.tokens.inc((key, model, ex.operation, "input"), usage.prompt_tokens)
             if usage.completion_tokens:
-                labels = (key, model, ex.operation, "output")
-                self._inc(self.tokens, labels, usage.completion_tokens)
+                self.tokens.inc((key, model, ex.operation, "output"), usage.completion_tokens)
         if ex.stream and ex.ttft_seconds is not None:
-            self._observe(self.ttft, (model,), ex.ttft_seconds)
+            self.ttft.observe((model,), ex.ttft_seconds)
             if usage is not None and usage.completion_tokens > 1:
                 per_token = (latency - ex.ttft_seconds) / (usage.completion_tokens - 1)
-                self._observe(self.tpot, (model,), per_token)
+                self.tpot.observe((model,), per_token)
 
-    def _inc(self, metric: Counter, labels: tuple[str, ...], amount: float = 1) -> None:
-        child = self._children.get((id(metric), *labels))
-        if child is None:
-            child = self._children[(id(metric), *labels)] = metric.labels(*labels).inc
-        child(amount)
-
-    def _observe(self, metric: Histogram, labels: tuple[str, ...], value: float) -> None:
-        child = self._children.get((id(metric), *labels))
-        if child is None:
-            child = self._children[(id(metric), *labels)] = metric.labels(*labels).observe
-        child(value)
+    def observe_flush(self, seconds: float) -> None:
+        self.quota_flush.observe((), seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -249,6 +249,33 @@ def test_a_slow_reader_holds_the_application_back() -> None:
     run(main())
 
 
+def test_a_streams_head_goes_before_its_first_event() -> None:
+    """A stream's head waits to be written with its first body bytes only while they
+    may come in the same pass of the loop: a client whose stream has not produced
+    anything yet (a long prompt's prefill) still gets the head, and then the events."""
+    head_seen = asyncio.Event()
+
+    async def slow_stream(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await asyncio.wait_for(head_seen.wait(), scaled(10))
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def main() -> None:
+        async with serving(slow_stream) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), scaled(10))
+            assert b"transfer-encoding: chunked" in head.lower()
+            head_seen.set()
+            assert await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), scaled(10)) == (
+                b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"
+            )
+            writer.close()
+
+    run(main())
+
+
 def test_an_answer_before_an_expected_body_ends_the_connection() -> None:
     """A client waiting to send its body (`Expect: 100-continue`) that gets a final answer
     first will not send it: the connection closes rather than read its next request as

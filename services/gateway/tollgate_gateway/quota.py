@@ -256,7 +256,7 @@ class QuotaLedger:
         limit = policy.tokens_per_day
         if limit is not None:
             committed = self._day_counts(name, day).tokens + reserved
-            unseen = others * (self._share((name, day), _DAYS).tokens + reserved)
+            unseen = others * (self._share((name, day), _DAYS).tokens + reserved) if others else 0
             if committed + tokens > limit:
                 left = max(0, limit - committed)
                 raise Refusal(
@@ -276,7 +276,7 @@ class QuotaLedger:
         frac = (now % 60) / 60
         cur = self._minute_counts(name, minute)
         prev = self._minute_counts(name, minute - 1)
-        unseen_minute = self._share((name, minute), _MINUTES)
+        unseen_minute = self._share((name, minute), _MINUTES) if others else _EMPTY
         # The two sliding windows, alike: (limit, previous minute, wanted now with this
         # request, this request's own share, what the other replicas may not have shown).
         windows = (
@@ -432,9 +432,7 @@ class QuotaLedger:
         of: Callable[[Batch], dict[Any, Usage]],
     ) -> Usage:
         """Global total + this replica's unflushed deltas (pending and being sent)."""
-        total = self._unflushed(window, of)
-        total.add(global_totals.get(window, _EMPTY))
-        return total
+        return self._unflushed(window, of) + global_totals.get(window, _EMPTY)
 
     def _share(self, window: Any, of: Callable[[Batch], dict[Any, Usage]]) -> Usage:
         """What another replica may hold of `window` that the store has not shown yet,
@@ -452,12 +450,12 @@ class QuotaLedger:
         return share
 
     def _unflushed(self, window: Any, of: Callable[[Batch], dict[Any, Usage]]) -> Usage:
-        """This replica's deltas of `window` not yet in the store's totals."""
-        total = Usage()
-        total.add(of(self._pending).get(window, _EMPTY))
-        if self._sending is not None:
-            total.add(of(self._sending).get(window, _EMPTY))
-        return total
+        """This replica's deltas of `window` not yet in the store's totals (to read: it
+        may be the pending counts themselves)."""
+        pending = of(self._pending).get(window, _EMPTY)
+        if self._sending is None:
+            return pending
+        return pending + of(self._sending).get(window, _EMPTY)
 
 
 def _DAYS(batch: Batch) -> dict[Any, Usage]:

@@ -250,9 +250,10 @@ def test_a_slow_reader_holds_the_application_back() -> None:
 
 
 def test_a_streams_head_goes_before_its_first_event() -> None:
-    """A stream's head waits to be written with its first body bytes only while they
-    may come in the same pass of the loop: a client whose stream has not produced
-    anything yet (a long prompt's prefill) still gets the head, and then the events."""
+    """A stream's head is written when the application sends it: a client whose stream
+    has produced nothing yet (a long prompt's prefill) has its head, then its events.
+    (Holding a stream's head back to go with its first event saved nothing measurable:
+    docs/performance.md.)"""
     head_seen = asyncio.Event()
 
     async def slow_stream(scope: Scope, receive: Receive, send: Send) -> None:

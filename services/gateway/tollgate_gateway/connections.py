@@ -120,7 +120,7 @@ class _Request:
         self.complete = False
         self.chunked = False
         self.remaining = 0  # content-length bytes still to send
-        self.held = b""  # the head, until it is written with the first body bytes
+        self.held = b""  # a content-length head, written with the first body bytes
         self.waiters: list[asyncio.Future[None]] = []
         self.left: Callable[[], None] | None = None
         scope["extensions"] = {ON_DISCONNECT: self.on_disconnect}
@@ -166,14 +166,10 @@ class _Request:
             head = self._head(message["status"], message.get("headers", ()))
             self.started = True
             self.continue_wanted = False  # (after `_head`, which reads it)
-            if self.head_only or not (self.remaining or self.chunked):
-                conn.transport.write(head)  # no body follows
-                return
-            self.held = head  # written with the first body bytes: one write, not two
-            if self.chunked:
-                # A stream's head must not wait for its first event: it goes at the end
-                # of this pass of the loop if no body came in it.
-                conn.loop.call_soon(self._write_held)
+            if self.remaining and not (self.chunked or self.head_only):
+                self.held = head  # one write for a whole answer, not two
+            else:
+                conn.transport.write(head)
             return
         if self.complete or message["type"] != "http.response.body":
             raise RuntimeError(f"unexpected ASGI message {message['type']!r}")
@@ -183,14 +179,11 @@ class _Request:
             pass
         elif self.chunked:
             if body and more:
-                frame = b"%b%x\r\n%b\r\n" % (self.held, len(body), body)
+                conn.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
             elif body:
-                frame = b"%b%x\r\n%b\r\n0\r\n\r\n" % (self.held, len(body), body)
-            else:
-                frame = self.held if more else self.held + b"0\r\n\r\n"
-            self.held = b""
-            if frame:
-                conn.transport.write(frame)
+                conn.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
+            elif not more:
+                conn.transport.write(b"0\r\n\r\n")
         else:
             self.remaining -= len(body)
             if self.remaining < 0:
@@ -205,11 +198,6 @@ class _Request:
             self.complete = True
             self.wake()
             conn.response_done(self)
-
-    def _write_held(self) -> None:
-        if self.held and not self.disconnected and not self.conn.transport.is_closing():
-            self.conn.transport.write(self.held)
-        self.held = b""
 
     def _head(self, status: int, headers: Any) -> bytes:
         parts = [_status_line(status)]

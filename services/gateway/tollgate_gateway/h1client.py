@@ -337,11 +337,6 @@ class Response:
             conn.close()
             raise
 
-    @property
-    def complete(self) -> bool:
-        """The whole body has arrived: what `chunks` has not yielded yet is buffered."""
-        return self._conn.complete
-
     def release(self) -> None:
         """Done: the connection is reused if the body was read to its end, else closed."""
         if not self._done:

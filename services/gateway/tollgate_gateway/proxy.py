@@ -480,9 +480,6 @@ class Proxy:
         opening_chunks = out.choices if record.operation == "chat" else 0
         first = endpoint.route == "/v1/responses"
         broken: UpstreamFailure | None = None
-        # Bytes that arrived with the upstream's end: they go with the stream's end, in
-        # one write (a stream read whole from the replica is then one write in all).
-        last = b""
         try:
             async for data in attempt.chunks():
                 if record.ttft_seconds is None:
@@ -492,9 +489,7 @@ class Proxy:
                     first = False
                 passed = tap.feed(data)
                 record.streamed_chunks = max(0, tap.chunks - opening_chunks)
-                if attempt.ended:
-                    last += passed
-                elif passed:
+                if passed:
                     await send({"type": "http.response.body", "body": passed, "more_body": True})
         except UpstreamFailure as failure:
             broken = failure
@@ -502,7 +497,7 @@ class Proxy:
             if record.phase is not Phase.ABANDONED:
                 # The drain deadline: end the stream with an error event the SDKs raise.
                 message = "The gateway is shutting down; the stream was cut short."
-                tail = last + tap.flush() + _error_event(errors.SHUTTING_DOWN, message)
+                tail = tap.flush() + _error_event(errors.SHUTTING_DOWN, message)
                 record.phase = Phase.CUT
                 record.usage = tap.usage
                 await send({"type": "http.response.body", "body": tail, "more_body": False})
@@ -511,7 +506,7 @@ class Proxy:
             record.usage = tap.usage
         if tap.usage is not None:
             record.awaiting_usage = False
-        tail = last + tap.flush()
+        tail = tap.flush()
         outcome = Outcome.SUCCEEDED
         if broken is not None:
             outcome = broken.outcome

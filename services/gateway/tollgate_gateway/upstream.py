@@ -228,11 +228,6 @@ class Attempt:
                 self._answered()
             yield data
 
-    @property
-    def ended(self) -> bool:
-        """The replica has sent the whole body: `chunks` will yield nothing it has not."""
-        return self._response is not None and self._response.complete
-
     def finish(self, outcome: Outcome) -> None:
         """The attempt's end: replica accounting, breaker verdict and connection reuse,
         decided here and only here. Idempotent."""

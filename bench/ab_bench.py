@@ -4,8 +4,9 @@ One run of `gateway_bench.py` per variant cannot tell a 10 % change from the mac
 own drift (its speed moves by more than that within minutes). Here both gateways run at
 once on one simulator and serve short bursts in turn, round after round (the order
 swapped every round), so a change in the machine's speed hits both alike. Prints, per
-workload, each gateway's median CPU ms per request over the rounds, their ratio, and in
-how many rounds the working tree used less.
+workload, each gateway's median CPU ms per request over the rounds, their ratio, in how
+many rounds the working tree used less, and each one's median p50 latency (time to the
+first byte for streams) in ms.
 
     .venv/bin/python bench/ab_bench.py --baseline HEAD [--rounds 8]
 
@@ -66,19 +67,25 @@ def main() -> None:
         sim_proc = psutil.Process(sim.pid)
         base, new = gateways
         print(f"CPU ms per request, median of {args.rounds} rounds; baseline {args.baseline}\n")
-        print(f"{'workload':<24}{'baseline':>10}{'working':>10}{'ratio':>8}  rounds lower")
+        print(
+            f"{'workload':<24}{'baseline':>10}{'working':>10}{'ratio':>8}  rounds lower"
+            "   p50 ms baseline / working"
+        )
         for label, body, stream, concurrency, n, knobs in WORKLOADS:
             cpu: dict[str, list[float]] = {base: [], new: []}
+            p50: dict[str, list[float]] = {base: [], new: []}
             for round_ in range(args.rounds):
                 for name in (base, new) if round_ % 2 == 0 else (new, base):
                     url, proc = gateways[name]
                     result = measure(proc, sim_proc, url, body, stream, concurrency, n, knobs)
                     cpu[name].append(result.cpu_target)
+                    p50[name].append(result.pct(0.5))
             before, after = statistics.median(cpu[base]), statistics.median(cpu[new])
             lower = sum(a < b for a, b in zip(cpu[new], cpu[base], strict=True))
             print(
                 f"{label:<24}{before:>10.3f}{after:>10.3f}{after / before:>8.3f}"
-                f"  {lower}/{args.rounds}",
+                f"  {lower:>5}/{args.rounds:<6}"
+                f"  {statistics.median(p50[base]):.2f} / {statistics.median(p50[new]):.2f}",
                 flush=True,
             )
 

@@ -65,34 +65,48 @@ def _count(value: object) -> TypeGuard[int]:
     return type(value) is int and value >= 0
 
 
-_KEYS = {"usage": USAGE_KEY}
+# Per usage key name: the quoted name, and the key with its object's opening brace.
+_KEYS = {"usage": (b'"usage"', USAGE_KEY)}
 
 
-def _key(name: str) -> re.Pattern[bytes]:
-    pattern = _KEYS.get(name)
-    if pattern is None:
-        pattern = _KEYS[name] = re.compile(b'"' + name.encode() + rb'"[ \t\r\n]*:[ \t\r\n]*\{')
-    return pattern
+def _key(name: str) -> tuple[bytes, re.Pattern[bytes]]:
+    found = _KEYS.get(name)
+    if found is None:
+        quoted = b'"' + name.encode() + b'"'
+        found = _KEYS[name] = (quoted, re.compile(re.escape(quoted) + rb"[ \t\r\n]*:[ \t\r\n]*\{"))
+    return found
 
 
 def usage_from_body(body: bytes, key: str = "usage") -> Usage | None:
     """The top-level `usage` of a response, read without parsing the whole body.
 
     vLLM puts the top-level usage after the choices, so the last `usage` key is tried
-    first; an earlier one is tried only if that is not a usage object (a logprobs key
-    ending in `"usage`, say). Only the usage object itself is decoded.
+    first, found with one backward search in C (a regular expression over a long
+    completion cost more than the rest of reading it); earlier ones are tried only if
+    that is not a usage object (a logprobs key ending in `"usage`, say). Only the usage
+    object itself is decoded.
     """
-    for found in reversed(list(_key(key).finditer(body))):
-        start = found.end() - 1  # the `{`
-        try:
-            # errors="replace": usage is ASCII; a bad byte elsewhere must not hide it.
-            obj, _ = _decoder.raw_decode(body[start:].decode(errors="replace"))
-        except ValueError:
-            continue
-        usage = parse_usage(obj)
+    quoted, pattern = _key(key)
+    at = body.rfind(quoted)
+    last = pattern.match(body, at) if at >= 0 else None
+    usage = _usage_at(body, last) if last is not None else None
+    if usage is not None:
+        return usage
+    for found in reversed(list(pattern.finditer(body))):
+        usage = _usage_at(body, found)
         if usage is not None:
             return usage
     return None
+
+
+def _usage_at(body: bytes, found: re.Match[bytes]) -> Usage | None:
+    """The usage object whose key `found` matched, if it is one."""
+    try:
+        # errors="replace": usage is ASCII; a bad byte elsewhere must not hide it.
+        obj, _ = _decoder.raw_decode(body[found.end() - 1 :].decode(errors="replace"))
+    except ValueError:
+        return None
+    return parse_usage(obj)
 
 
 def estimate_prompt_tokens(body: bytes) -> int:

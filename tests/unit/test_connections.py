@@ -20,7 +20,7 @@ from loops import event_loop_kind, run  # noqa: F401 (the fixture)
 from servers import scaled
 
 from tollgate_gateway import connections
-from tollgate_gateway.asgi import ON_DISCONNECT, ASGIApp, Receive, Scope, Send
+from tollgate_gateway.asgi import ON_DISCONNECT, WRITE, ASGIApp, Receive, Scope, Send
 from tollgate_gateway.connections import MAX_HEAD, client_protocol
 
 
@@ -272,6 +272,36 @@ def test_a_streams_head_goes_before_its_first_event() -> None:
             assert await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), scaled(10)) == (
                 b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"
             )
+            writer.close()
+
+    run(main())
+
+
+def test_write_says_when_a_client_that_does_not_read_is_full() -> None:
+    """`asgi.WRITE` writes a piece at once and says whether the client has room; with
+    none, an empty `send` waits for it, and the client then gets every piece."""
+    chunk, most = b"y" * 65536, 2000
+    written: list[int] = []
+
+    async def writing(scope: Scope, receive: Receive, send: Send) -> None:
+        write = scope["extensions"][WRITE]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        count = 0
+        while count < most:
+            count += 1
+            if not write(chunk):
+                written.append(count)  # full: wait for room, then go on
+                await send({"type": "http.response.body", "body": b"", "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def main() -> None:
+        async with serving(writing) as port:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=2**20)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            await asyncio.sleep(scaled(0.5))
+            assert written and written[0] < most // 2, f"full only after {written[:1]} pieces"
+            _, body = await read_response(reader)
+            assert len(body) == len(chunk) * most
             writer.close()
 
     run(main())

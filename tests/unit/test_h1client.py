@@ -48,6 +48,18 @@ async def call(pool: Pool, method: str, path: str, body: bytes = b"", **kw: Any)
         response.release()
 
 
+async def pieces_of(response: h1client.Response, into: list[bytes] | None = None) -> list[bytes]:
+    """The body as `pump` hands it over, piece by piece (into `into`, if given)."""
+    pieces = [] if into is None else into
+
+    def take(piece: bytes) -> bool:
+        pieces.append(piece)
+        return True
+
+    assert await response.pump(take), "a sink with room every time was paused"
+    return pieces
+
+
 async def stats(pool: Pool) -> dict[str, Any]:
     """The simulator's counters, read through the pool under test (so that reading them
     opens no connection of its own)."""
@@ -124,9 +136,7 @@ def test_sequential_requests_share_one_connection(make_sim: Callable[..., Sim]) 
             head, body = chat(pool, 8, stream)
             response = await pool.request(head, body, read_timeout=5)
             assert response.status == 200
-            data = (
-                b"".join([c async for c in response.chunks()]) if stream else await response.read()
-            )
+            data = b"".join(await pieces_of(response)) if stream else await response.read()
             assert data.endswith(b"data: [DONE]\n\n" if stream else b"}")
             response.release()
         s = await stats(pool)
@@ -266,7 +276,7 @@ def test_sse_stream_arrives_in_pieces(make_sim: Callable[..., Sim]) -> None:
         head, body = chat(pool, 64, stream=True)
         response = await pool.request(head, body, read_timeout=5)
         assert response.content_type.startswith("text/event-stream")
-        pieces = [c async for c in response.chunks()]
+        pieces = await pieces_of(response)
         response.release()
         text = b"".join(pieces).decode()
         assert len(pieces) > 1
@@ -445,13 +455,76 @@ def test_idle_timeout_within_a_stream() -> None:
         async with serve(stalls) as info:
             pool = Pool("127.0.0.1", info[0])
             response = await pool.request(pool.head("GET", "/", {}, None), read_timeout=0.3)
-            got = []
+            got: list[bytes] = []
             with pytest.raises(h1client.ReadTimeout):
-                async for chunk in response.chunks():
-                    got.append(chunk)
+                await pieces_of(response, got)
             assert got == [b"data: "]
             response.release()
             assert pool.count == 0
+
+    run(main())
+
+
+def test_a_full_sink_holds_the_server_back_until_pumped_again() -> None:
+    """A sink with no room stops the reading: the server's writes back up (it cannot
+    send the whole body into the gateway's memory), no read timeout fires while the
+    gateway is the one not reading, and the next `pump` gets every byte in order."""
+    piece, pieces = b"x" * 65536, 400  # 25 MiB: far past every socket buffer on the way
+    written = [0]
+
+    async def floods(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for i in range(pieces):
+            writer.write(b"%x\r\n%b\r\n" % (len(piece), bytes([65 + i % 26]) * len(piece)))
+            await writer.drain()
+            written[0] += 1
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    async def main() -> None:
+        async with serve(floods) as info:
+            pool = Pool("127.0.0.1", info[0])
+            response = await pool.request(pool.head("GET", "/", {}, None), read_timeout=0.3)
+            got: list[bytes] = []
+
+            def full(data: bytes) -> bool:
+                got.append(data)
+                return False
+
+            assert not await response.pump(full), "a full sink did not stop the pump"
+            await asyncio.sleep(scaled(1))  # past the read timeout
+            held = written[0]
+            assert held < pieces // 2, f"{held} of {pieces} pieces written while not read"
+            await pieces_of(response, got)
+            body = b"".join(got)
+            assert len(body) == len(piece) * pieces
+            assert body[:: len(piece)] == bytes(65 + i % 26 for i in range(pieces))
+            response.release()
+            assert pool.count == 1  # read to its end: the connection is kept
+            await pool.close()
+
+    run(main())
+
+
+def test_a_sink_that_fails_fails_the_pump_and_closes_the_connection(
+    make_sim: Callable[..., Sim],
+) -> None:
+    sim = make_sim("--itl-ms", "5")
+
+    async def main() -> None:
+        pool = Pool("127.0.0.1", sim.port)
+        head, body = chat(pool, 32, stream=True)
+        response = await pool.request(head, body, read_timeout=5)
+
+        def broken(data: bytes) -> bool:
+            raise ValueError("the sink's own error")
+
+        with pytest.raises(ValueError, match="the sink's own error"):
+            await response.pump(broken)
+        response.release()
+        assert pool.count == 0  # not reused: its state is unknown
+        await pool.close()
 
     run(main())
 
@@ -465,7 +538,7 @@ def test_a_slow_steady_stream_does_not_time_out(make_sim: Callable[..., Sim]) ->
         head, body = chat(pool, 10, stream=True)
         started = time.monotonic()
         response = await pool.request(head, body, read_timeout=0.5)
-        data = b"".join([c async for c in response.chunks()])
+        data = b"".join(await pieces_of(response))
         response.release()
         assert time.monotonic() - started > 0.8
         assert data.endswith(b"data: [DONE]\n\n")
@@ -491,9 +564,13 @@ def test_cancelling_the_reader_closes_the_upstream_connection(
         async def reader() -> None:
             head, body = chat(pool, 200, stream=True)
             response = await pool.request(head, body, read_timeout=5)
+
+            def take(piece: bytes) -> bool:
+                first.set()
+                return True
+
             try:
-                async for _ in response.chunks():
-                    first.set()
+                await response.pump(take)
             finally:
                 response.release()
 

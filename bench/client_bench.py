@@ -111,8 +111,13 @@ class H1Client:
         response = await pool.request(head, body, connect_timeout=10, read_timeout=60)
         size = 0
         if stream:
-            async for data in response.chunks():
+
+            def take(data: bytes) -> bool:
+                nonlocal size
                 size += len(data)
+                return True
+
+            await response.pump(take)
         else:
             size = len(await response.read())
         response.release()

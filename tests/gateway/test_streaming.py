@@ -200,3 +200,31 @@ def test_a_crlf_upstream_is_streamed_counted_and_stripped(make_sim, make_gateway
     assert b'"usage"' not in data  # the gateway asked for it; the client did not
     usage = httpx.get(gw.url + "/v1/usage", headers=AUTH).json()
     assert usage["requests"] == 1 and usage["tokens_used"] == sim.stats()["prompt_tokens"] + 8
+
+
+def test_a_slow_reader_gets_a_long_stream_whole(make_sim, make_gateway) -> None:
+    """A client reading slower than the replica writes: the gateway holds the replica
+    back (its reading pauses while the client's buffer is full) and resumes, and the
+    client gets every event, in order, the usage last."""
+    tokens = 20000  # about 4 MB of events, written by the simulator at once
+    sim = make_sim("--max-model-len", "32768")
+    gateway = make_gateway(sim.url)
+    with httpx.stream(
+        "POST",
+        gateway.url + "/v1/chat/completions",
+        json={**CHAT, "max_tokens": tokens, "stream_options": {"include_usage": True}},
+        headers=AUTH,
+    ) as r:
+        assert r.status_code == 200, r.read()
+        parts = []
+        for part in r.iter_raw(4096):
+            parts.append(part)
+            if len(parts) % 64 == 0:
+                time.sleep(0.01)  # a slow reader
+    data = b"".join(parts)
+    events = [e for e in data.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]"
+    content = [e for e in events if b'"delta":{"content":' in e]  # (not the role chunk)
+    assert len(content) == tokens, f"{len(content)} of {tokens} tokens"
+    usage = json.loads(events[-2][len(b"data: ") :])["usage"]
+    assert usage["completion_tokens"] == tokens

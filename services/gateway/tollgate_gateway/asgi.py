@@ -14,12 +14,18 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+Write = Callable[[bytes], bool]
 
 # The scope extension the gateway's server protocol (`connections.py`) adds:
 # `scope["extensions"][ON_DISCONNECT](callback)` has `callback` run once if the client
 # leaves before the response ends (at once if it already has; None takes it back). It
 # replaces a task per request waiting on `receive` for `http.disconnect`.
 ON_DISCONNECT = "tollgate.on_disconnect"
+# And `scope["extensions"][WRITE](body)`: a piece of a chunked body under way, written at
+# once, from any callback (not only a task: a stream's pieces are written from the
+# upstream connection's callback as they arrive). It returns whether the client has room
+# for more; when it has not, `await send(...)` of an empty piece waits for it.
+WRITE = "tollgate.write"
 
 _REQUEST_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 

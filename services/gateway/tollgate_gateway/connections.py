@@ -42,7 +42,7 @@ from typing import Any
 import httptools
 
 from tollgate_gateway import errors
-from tollgate_gateway.asgi import ON_DISCONNECT, ASGIApp, Message, Scope
+from tollgate_gateway.asgi import ON_DISCONNECT, WRITE, ASGIApp, Message, Scope
 from tollgate_gateway.errors import Refusal, response_parts
 
 log = logging.getLogger("tollgate.gateway")
@@ -123,7 +123,7 @@ class _Request:
         self.held = b""  # a content-length head, written with the first body bytes
         self.waiters: list[asyncio.Future[None]] = []
         self.left: Callable[[], None] | None = None
-        scope["extensions"] = {ON_DISCONNECT: self.on_disconnect}
+        scope["extensions"] = {ON_DISCONNECT: self.on_disconnect, WRITE: self.write}
 
     def on_disconnect(self, callback: Callable[[], None] | None) -> None:
         self.left = callback
@@ -198,6 +198,15 @@ class _Request:
             self.complete = True
             self.wake()
             conn.response_done(self)
+
+    def write(self, body: bytes) -> bool:
+        """`asgi.WRITE`: a piece of a chunked body, now; whether the client has room."""
+        conn = self.conn
+        if body and not self.disconnected:  # (an empty chunk would end the body)
+            if not self.chunked or self.complete:
+                raise RuntimeError("write() is for a chunked body under way")
+            conn.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        return not conn.write_paused
 
     def _head(self, status: int, headers: Any) -> bytes:
         parts = [_status_line(status)]

@@ -14,6 +14,9 @@ dependency: uvicorn and the simulator parse with it).
 - The request head is bytes built once per request (`Pool.head`); bodies are bytes with a
   content-length (never chunked uploads).
 - Responses may be content-length, chunked (SSE) or close-delimited.
+- A stream's body is handed to the caller's sink from the connection's own callback
+  (`Response.pump`), as it is parsed: no task wakes, no future, no generator step per
+  piece. The sink says when its reader is full; reading then pauses until it has room.
 - Keep-alive: a connection goes back to the pool only when its response was read to its end
   and the server did not say `Connection: close`. Idle connections are used newest first and
   dropped after `keepalive` seconds (below the upstream's own keep-alive timeout). An idle
@@ -35,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl as _ssl
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import cast
 from urllib.parse import urlsplit
 
@@ -100,6 +103,7 @@ class _Conn(asyncio.Protocol):
         self.body: list[bytes] = []
         self.on_body = self.body.append
         self.parser = httptools.HttpResponseParser(self)
+        self.sink: Callable[[bytes], bool] | None = None  # while `pump` runs
         self._reset()
 
     def _reset(self) -> None:
@@ -116,6 +120,7 @@ class _Conn(asyncio.Protocol):
         self.body.clear()
         self.buffered = 0  # bytes received since the reader last took the body
         self.exc: H1Error | None = None
+        self.sink_error: Exception | None = None  # what the sink raised
 
     # asyncio.Protocol
 
@@ -136,12 +141,13 @@ class _Conn(asyncio.Protocol):
             kind = BodyError if self.headers_done else ProtocolError
             self._fail(kind(f"malformed response: {exc}"))
             return
-        if self.streaming:
+        if self.sink is not None:
+            if self.body:
+                self.hand(self.sink)
+        elif self.streaming:
             self.buffered += len(data)
             if self.buffered > HIGH_WATER and not self.paused and not self.complete:
-                assert self.transport is not None
-                self.transport.pause_reading()
-                self.paused = True
+                self.pause()
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -200,6 +206,31 @@ class _Conn(asyncio.Protocol):
 
     # The exchange
 
+    def hand(self, sink: Callable[[bytes], bool]) -> None:
+        """The body received so far, to `sink`; reading pauses if it has no room."""
+        body = self.body
+        piece = body[0] if len(body) == 1 else b"".join(body)
+        body.clear()
+        self.buffered = 0
+        try:
+            room = sink(piece)
+        except Exception as exc:  # the caller's: raised again where it waits (`pump`)
+            self.sink_error = exc
+            return
+        if not room and not self.complete:
+            self.pause()
+
+    def pause(self) -> None:
+        if not self.paused and self.transport is not None:
+            self.transport.pause_reading()
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            self.paused = False
+            if self.alive and self.transport is not None:
+                self.transport.resume_reading()
+
     def close(self) -> None:
         """Give up on the connection (idempotent); its pool slot is freed at once."""
         if self.alive:
@@ -237,7 +268,7 @@ class _Conn(asyncio.Protocol):
         due = self.last + self.timeout
         if now < due:
             self.timer = self.loop.call_at(due, self._on_timer)
-        elif self.waiter is None:  # the reader is busy, not waiting on the server
+        elif self.waiter is None:  # the reader is busy (or full), not waiting on the server
             self.timer = self.loop.call_at(now + self.timeout, self._on_timer)
         else:
             self._fail(ReadTimeout(f"no data from the server in {self.timeout:g} s"))
@@ -269,8 +300,7 @@ class _Conn(asyncio.Protocol):
             if self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
-            if self.paused and self.transport is not None:
-                self.transport.resume_reading()
+            self.resume()
             self.active = False
             self.reused = True
             self._reset()
@@ -310,32 +340,34 @@ class Response:
         conn.buffered = 0
         return data
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives: everything buffered at each step, joined. Cancelled,
-        failed or left early: the connection is closed (the server sees the client go)."""
+    async def pump(self, sink: Callable[[bytes], bool]) -> bool:
+        """Hand the body to `sink` as it arrives, from the connection's callback; True
+        once it has ended. `sink` returns False when its reader is full: reading stops,
+        and this returns False; call it again once there is room. Cancelled or failed:
+        the connection is closed (the server sees the client go)."""
         conn = self._conn
         conn.streaming = True
-        body = conn.body
         try:
-            while True:
-                if body:
-                    data = body[0] if len(body) == 1 else b"".join(body)
-                    body.clear()
-                    conn.buffered = 0
-                    if conn.paused:
-                        conn.paused = False
-                        if conn.alive and conn.transport is not None:
-                            conn.transport.resume_reading()
-                    yield data
-                elif conn.complete:
-                    return
-                elif conn.exc is not None:
+            conn.resume()
+            if conn.body:  # what came with the head, or while reading was paused
+                conn.hand(sink)
+            conn.sink = sink
+            while not conn.complete:
+                if conn.exc is not None:
                     raise conn.exc
-                else:
-                    await conn._wait()
+                if conn.sink_error is not None:
+                    raise conn.sink_error
+                if conn.paused:
+                    return False
+                await conn._wait()
+            if conn.sink_error is not None:
+                raise conn.sink_error
+            return True
         except BaseException:
             conn.close()
             raise
+        finally:
+            conn.sink = None
 
     def release(self) -> None:
         """Done: the connection is reused if the body was read to its end, else closed."""

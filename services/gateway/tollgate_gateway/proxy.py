@@ -14,7 +14,8 @@ gateway's own endpoints). `Proxy.handle` reads top to bottom as the gateway's wh
    (else 404 for a model nobody serves, 503 without touching any upstream)
 6. forward: the body as bytes, the client's key replaced by `VLLM_API_KEY`; retried once
    on another replica if it failed before any response byte
-7. respond: whole, or SSE chunk by chunk as it arrives, its usage read on the way
+7. respond: whole, or SSE piece by piece as it arrives (each handed from the upstream
+   connection's callback straight to the client's: `_Relay`), its usage read on the way
 8. settle: usage, quota, metrics, trace and one log line, always, also when the client
    leaves, the stream breaks or the drain deadline cuts it
 """
@@ -32,7 +33,16 @@ from time import perf_counter
 from typing import TYPE_CHECKING
 
 from tollgate_gateway import endpoints, errors
-from tollgate_gateway.asgi import ON_DISCONNECT, Receive, Scope, Send, request_id_for, send_refusal
+from tollgate_gateway.asgi import (
+    ON_DISCONNECT,
+    WRITE,
+    Receive,
+    Scope,
+    Send,
+    Write,
+    request_id_for,
+    send_refusal,
+)
 from tollgate_gateway.config_watch import CurrentConfig
 from tollgate_gateway.endpoints import Body, Endpoint, Stream
 from tollgate_gateway.errors import ErrorKind, Refusal
@@ -166,9 +176,16 @@ class Proxy:
             async with place:
                 affinity = self._affinity(ingress.session, key.name)
                 upstream = self.route(record, outgoing, affinity, scope["path"])
-                on_disconnect = scope["extensions"][ON_DISCONNECT]
+                extensions = scope["extensions"]
                 await self.forward(
-                    record, on_disconnect, send, upstream, outgoing, ingress, affinity
+                    record,
+                    extensions[ON_DISCONNECT],
+                    send,
+                    extensions[WRITE],
+                    upstream,
+                    outgoing,
+                    ingress,
+                    affinity,
                 )
         except Refusal as refusal:
             record.status, record.error = refusal.kind.status, refusal.kind.code
@@ -310,6 +327,7 @@ class Proxy:
         record: RequestRecord,
         on_disconnect: Callable[[Callable[[], None] | None], None],
         send: Send,
+        write: Write,
         upstream: Upstream,
         out: Outgoing,
         ingress: Ingress,
@@ -342,7 +360,9 @@ class Proxy:
                 outcome = Outcome.ABANDONED
                 can_retry = not retried and len(self.pool.upstreams) > 1
                 try:
-                    outcome = await self._attempt(record, send, attempt, out, headers, can_retry)
+                    outcome = await self._attempt(
+                        record, send, write, attempt, out, headers, can_retry
+                    )
                     return
                 except UpstreamFailure as failure:
                     outcome = failure.outcome
@@ -376,6 +396,7 @@ class Proxy:
         self,
         record: RequestRecord,
         send: Send,
+        write: Write,
         attempt: Attempt,
         out: Outgoing,
         headers: dict[str, str],
@@ -398,7 +419,7 @@ class Proxy:
             # A failing or draining replica that did not take the request: another may.
             raise UpstreamFailure(Outcome.STATUS_5XX, f"status {status}", retryable=True)
         if status == 200 and content_type.startswith("text/event-stream"):
-            return await self._stream(record, send, attempt, content_type, out)
+            return await self._stream(record, send, write, attempt, content_type, out)
         return await self._whole(record, send, attempt, status, content_type, out)
 
     async def _whole(
@@ -454,11 +475,14 @@ class Proxy:
         self,
         record: RequestRecord,
         send: Send,
+        write: Write,
         attempt: Attempt,
         content_type: str,
         out: Outgoing,
     ) -> Outcome:
-        """7. SSE: each read from the upstream goes to the client before the next read."""
+        """7. SSE: each read from the upstream goes to the client as it is parsed, by the
+        relay, in the upstream connection's callback; this task only waits for the end
+        (and for room, when the client reads slower than the replica writes)."""
         record.status = 200
         record.phase = Phase.RESPONDING
         await send(
@@ -478,19 +502,13 @@ class Proxy:
             tap = StreamTap(strip_usage=not out.client_wants_usage)
         # Chat streams open each choice with a role-only delta: not a token.
         opening_chunks = out.choices if record.operation == "chat" else 0
-        first = endpoint.route == "/v1/responses"
+        remember = self._remember_response if endpoint.route == "/v1/responses" else None
+        relay = _Relay(record, attempt, tap, write, remember)
         broken: UpstreamFailure | None = None
         try:
-            async for data in attempt.chunks():
-                if record.ttft_seconds is None:
-                    record.ttft_seconds = perf_counter() - record.started
-                if first:
-                    self._remember_response(data, attempt.upstream)
-                    first = False
-                passed = tap.feed(data)
-                record.streamed_chunks = max(0, tap.chunks - opening_chunks)
-                if passed:
-                    await send({"type": "http.response.body", "body": passed, "more_body": True})
+            while not await attempt.pump(relay):
+                # The client's buffer is full: an empty piece waits for room.
+                await send({"type": "http.response.body", "body": b"", "more_body": True})
         except UpstreamFailure as failure:
             broken = failure
         except asyncio.CancelledError:
@@ -504,6 +522,8 @@ class Proxy:
             raise
         finally:
             record.usage = tap.usage
+            record.streamed_chunks = max(0, tap.chunks - opening_chunks)
+            record.upstream_seconds -= relay.busy  # (counted in the attempt's wait)
         if tap.usage is not None:
             record.awaiting_usage = False
         tail = tap.flush()
@@ -547,6 +567,42 @@ class Proxy:
     def _too_large(self) -> str:
         limit = self.settings.max_body
         return f"The request body is larger than the gateway's limit of {limit} bytes."
+
+
+class _Relay:
+    """A stream's pieces, from the upstream connection's callback to the client's socket,
+    in that callback: what a task wake-up, a generator step and a `send` per piece did.
+    Returns whether the client has room for more (else the upstream's reading pauses)."""
+
+    __slots__ = ("attempt", "busy", "record", "remember", "tap", "write")
+
+    def __init__(
+        self,
+        record: RequestRecord,
+        attempt: Attempt,
+        tap: StreamTap | EventTap,
+        write: Write,
+        remember: Callable[[bytes, Upstream], None] | None,
+    ) -> None:
+        self.record = record
+        self.attempt = attempt
+        self.tap = tap
+        self.write = write
+        self.remember = remember  # told the first piece (where a stored response's id is)
+        self.busy = 0.0  # seconds spent here: the gateway's, not the replica's
+
+    def __call__(self, data: bytes) -> bool:
+        started = perf_counter()
+        record = self.record
+        if record.ttft_seconds is None:
+            record.ttft_seconds = started - record.started
+            self.attempt.answered()
+            if self.remember is not None:
+                self.remember(data, self.attempt.upstream)
+        passed = self.tap.feed(data)
+        room = self.write(passed) if passed else True
+        self.busy += perf_counter() - started
+        return room
 
 
 def _error_event(kind: ErrorKind, message: str) -> bytes:

@@ -40,7 +40,7 @@ import json
 import logging
 import random
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from time import monotonic, perf_counter
 from typing import NamedTuple
 
@@ -171,7 +171,7 @@ class Attempt:
         self._prefill = prefill
         upstream.prefilling += prefill
 
-    def _answered(self) -> None:
+    def answered(self) -> None:
         """The first answer byte (or the end): the replica is past this prefill."""
         if self._prefill:
             self.upstream.prefilling -= self._prefill
@@ -208,25 +208,21 @@ class Attempt:
             raise _failure(exc) from None
         finally:
             self.waited += perf_counter() - started
-            self._answered()
+            self.answered()
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; a failure mid-way is `STREAM_BROKEN`."""
+    async def pump(self, sink: Callable[[bytes], bool]) -> bool:
+        """The body to `sink` as it arrives (`h1client.Response.pump`): True at its end,
+        False when `sink` had no room; a failure mid-way is `STREAM_BROKEN`. The time
+        inside counts as waiting on the replica, the sink's own included: the caller
+        takes that back out (it is the gateway's)."""
         assert self._response is not None
-        body = self._response.chunks()
-        while True:
-            started = perf_counter()
-            try:
-                data = await anext(body)
-            except StopAsyncIteration:
-                return
-            except h1client.H1Error as exc:
-                raise _failure(exc, while_streaming=True) from None
-            finally:
-                self.waited += perf_counter() - started
-            if self._prefill:
-                self._answered()
-            yield data
+        started = perf_counter()
+        try:
+            return await self._response.pump(sink)
+        except h1client.H1Error as exc:
+            raise _failure(exc, while_streaming=True) from None
+        finally:
+            self.waited += perf_counter() - started
 
     def finish(self, outcome: Outcome) -> None:
         """The attempt's end: replica accounting, breaker verdict and connection reuse,
@@ -235,7 +231,7 @@ class Attempt:
             return
         self._finished = True
         self.upstream.inflight -= 1
-        self._answered()
+        self.answered()
         breaker = self.upstream.breaker
         if outcome is Outcome.SUCCEEDED:
             breaker.success()

@@ -179,7 +179,7 @@ class _Request:
             pass
         elif self.chunked:
             if body and more:
-                conn.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+                self.write(body)
             elif body:
                 conn.transport.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(body), body))
             elif not more:

@@ -352,17 +352,16 @@ class Response:
             if conn.body:  # what came with the head, or while reading was paused
                 conn.hand(sink)
             conn.sink = sink
-            while not conn.complete:
+            while True:
                 if conn.exc is not None:
                     raise conn.exc
                 if conn.sink_error is not None:
                     raise conn.sink_error
+                if conn.complete:
+                    return True
                 if conn.paused:
                     return False
                 await conn._wait()
-            if conn.sink_error is not None:
-                raise conn.sink_error
-            return True
         except BaseException:
             conn.close()
             raise

@@ -8,7 +8,10 @@ workload, each gateway's median CPU ms per request over the rounds, their ratio,
 many rounds the working tree used less, and each one's median p50 latency (time to the
 first byte for streams) in ms.
 
-    .venv/bin/python bench/ab_bench.py --baseline HEAD [--rounds 8]
+    .venv/bin/python bench/ab_bench.py --baseline HEAD [--rounds 8] [--limits]
+
+`--limits` puts the bench key under a policy with every limit on (as `quota_bench.py`
+does), to judge a change to the quota path.
 
 The baseline is checked out into a temporary git worktree and run from there, with this
 environment's packages.
@@ -24,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 import psutil
-from gateway_bench import BIN, CHAT, free_port, gateway_process, measure, wait_http
+from gateway_bench import BIN, CHAT, free_port, gateway_process, limits_env, measure, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 STREAM = CHAT % (64, b',"stream":true')
@@ -40,6 +43,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="HEAD", help="the commit to compare against")
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="both gateways with the bench key under a policy of every limit (as quota_bench)",
+    )
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
         tree = stack.enter_context(tempfile.TemporaryDirectory(prefix="tollgate-ab-"))
@@ -60,6 +68,8 @@ def main() -> None:
         wait_http(f"http://127.0.0.1:{sim_port}/health")
         code = f"{tree}/services/gateway:{tree}/services/contract"
         shared = {"VLLM_URL": f"http://127.0.0.1:{sim_port}", "GATEWAY_FORWARD_HEADERS": "x-sim-*"}
+        if args.limits:
+            shared |= limits_env(Path(stack.enter_context(tempfile.TemporaryDirectory())))
         gateways = {
             name: stack.enter_context(gateway_process({**shared, **extra}))
             for name, extra in ((args.baseline, {"PYTHONPATH": code}), ("working tree", {}))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -36,6 +37,8 @@ from pathlib import Path
 
 import aiohttp
 import psutil
+
+from tollgate_contract.keys import key_hash
 
 BIN = Path(sys.executable).parent
 KEY = "sk-bench"
@@ -63,6 +66,32 @@ def wait_http(url: str, timeout: float = 20) -> float:
         except OSError:
             time.sleep(0.005)
     raise SystemExit(f"{url} not ready after {timeout} s")
+
+
+def limits_env(directory: Path) -> dict[str, str]:
+    """The environment that puts the bench key under a policy with every limit (requests
+    and tokens per minute, tokens per day, concurrency) set too high ever to refuse, so
+    every check runs on every request: its configuration document is written into
+    `directory`."""
+    big = 10**12
+    policy = {
+        "requestsPerMinute": big,
+        "tokensPerMinute": big,
+        "tokensPerDay": big,
+        "maxConcurrentRequests": 10000,
+    }
+    config = directory / "limits.json"
+    config.write_text(
+        json.dumps(
+            {
+                "apiVersion": "tollgate.dev/v1alpha1",
+                "kind": "GatewayConfig",
+                "policies": {"all-limits": policy},
+                "keys": {key_hash(KEY): {"name": "bench", "policy": "all-limits"}},
+            }
+        )
+    )
+    return {"GATEWAY_CONFIG_FILE": str(config), "GATEWAY_API_KEYS": ""}
 
 
 @contextlib.contextmanager

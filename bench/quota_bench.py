@@ -1,13 +1,15 @@
-"""Benchmark: the core workload with limits off, and with quotas on and Postgres as the
-shared store, in one run, against one simulator.
+"""Benchmark: the core workload with limits off, with every limit on (SQLite), and with
+quotas on and Postgres as the shared store, in one run, against one simulator.
 
 "Quotas on": a policy with every limit (requests and tokens per minute, tokens per day,
 concurrency) set high enough never to refuse, so every check runs on every request, the
-per-IP limit on, usage flushed to Postgres every second. Both gateways run at once and
-serve bursts in turn, round after round (the machine's drift between two runs one after
-the other was larger than the difference). Prints throughput and gateway CPU per request
-for both (medians over the rounds), their ratio, and the Postgres statements per second
-the gateway caused (from pg_stat_database: each flush is one statement, one transaction).
+per-IP limit on, usage flushed to Postgres every second. "Limits on" is the same on
+SQLite, which no other replica shares: the two differ by the shared store's own cost. The
+gateways run at once and serve bursts in turn, round after round (the machine's drift
+between two runs one after the other was larger than the difference). Prints throughput
+and gateway CPU per request for each (medians over the rounds), each one's ratio to
+limits off and the CPU it adds per request, and the Postgres statements per second the
+gateway caused (from pg_stat_database: each flush is one statement, one transaction).
 
     .venv/bin/python bench/quota_bench.py [--database-url postgresql://...] [--rounds 6]
 """
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import statistics
@@ -29,9 +30,7 @@ from pathlib import Path
 
 import asyncpg
 import psutil
-from gateway_bench import BIN, CHAT, KEY, free_port, gateway_process, measure, wait_http
-
-from tollgate_contract.keys import key_hash
+from gateway_bench import BIN, CHAT, free_port, gateway_process, limits_env, measure, wait_http
 
 
 async def _commits(url: str) -> int:
@@ -55,25 +54,7 @@ def main() -> None:
     args = parser.parse_args()
     schema = f"bench_{uuid.uuid4().hex[:8]}"
     tmp = Path(tempfile.mkdtemp())
-    config = tmp / "config.json"
-    big = 10**12
-    config.write_text(
-        json.dumps(
-            {
-                "apiVersion": "tollgate.dev/v1alpha1",
-                "kind": "GatewayConfig",
-                "policies": {
-                    "all-limits": {
-                        "requestsPerMinute": big,
-                        "tokensPerMinute": big,
-                        "tokensPerDay": big,
-                        "maxConcurrentRequests": 10000,
-                    }
-                },
-                "keys": {key_hash(KEY): {"name": "bench", "policy": "all-limits"}},
-            }
-        )
-    )
+    limits = limits_env(tmp)
     sim_port = free_port()
     sim = subprocess.Popen(
         [str(BIN / "tollgate-sim"), "--port", str(sim_port)], stdout=subprocess.DEVNULL
@@ -85,11 +66,14 @@ def main() -> None:
             "GATEWAY_IP_RATE_PER_SECOND": "0",
             "DATABASE_URL": f"sqlite:///{tmp}/usage.db",
         },
+        "limits on (SQLite, every limit, IP limit)": {
+            **limits,
+            "DATABASE_URL": f"sqlite:///{tmp}/usage-limits.db",
+        },
         "quotas on (Postgres, every limit, IP limit)": {
-            "GATEWAY_CONFIG_FILE": str(config),
+            **limits,
             "DATABASE_URL": args.database_url,
             "QUOTA_DB_SCHEMA": schema,
-            "GATEWAY_API_KEYS": "",
         },
     }
     sim_proc = psutil.Process(sim.pid)
@@ -134,15 +118,18 @@ def main() -> None:
     for (name, label), values in cpu.items():
         median_rps = statistics.median(rps[name, label])
         print(f"{name:<46}{label:<20}{median_rps:>8.0f}{statistics.median(values):>12.3f}")
-    off, on = variants
+    off, *others = variants
     for label, *_ in workloads:
-        before, after = cpu[off, label], cpu[on, label]
-        lower = sum(a <= b for a, b in zip(after, before, strict=True))
-        ratio = statistics.median(after) / statistics.median(before)
-        print(
-            f"quotas on / off, {label}: CPU {ratio:.3f}"
-            f" (on used no more in {lower} of {args.rounds} rounds)"
-        )
+        before = cpu[off, label]
+        for name in others:
+            after = cpu[name, label]
+            lower = sum(a <= b for a, b in zip(after, before, strict=True))
+            ratio = statistics.median(after) / statistics.median(before)
+            added = (statistics.median(after) - statistics.median(before)) * 1000
+            print(
+                f"{name.split(' (')[0]} / off, {label}: CPU {ratio:.3f}, {added:+.1f} µs/req"
+                f" (used no more in {lower} of {args.rounds} rounds)"
+            )
     print(f"Postgres statements/s while the quotas-on gateway served: {statements / seconds:.1f}")
     print("(transactions committed in the database: the flush is one statement per second")
     print("per replica; warm-up and other clients included)")

@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 
 from tollgate_gateway.metrics import merge_workers
-from tollgate_gateway.podshare import KeyCounts, PodLock, PodShare
+from tollgate_gateway.podshare import KeyCounts, PodShare, pod_lock
 from tollgate_gateway.ratelimit import Gcra
 
 
@@ -64,7 +64,7 @@ def test_a_full_window_refuses_instead_of_losing_a_count() -> None:
     class Tiny(KeyCounts):
         SLOTS = 16  # the window is the whole table
 
-    counts = Tiny(PodLock(1), 1)
+    counts = Tiny(pod_lock(1), 1)
     for i in range(16):
         assert counts.enter(f"key-{i}", None, 1) == 0
     assert counts.enter("one-too-many", None, 1) is None

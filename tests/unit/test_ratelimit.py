@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from clocks import ManualClock
 
-from tollgate_gateway.podshare import PodLock, RateTable
+from tollgate_gateway.podshare import RateTable, pod_lock
 from tollgate_gateway.ratelimit import ClientAddress, Gcra
 
 
 def gcra(rate: float, burst: int, clock: ManualClock) -> Gcra:
-    return Gcra(rate, burst, RateTable(PodLock(1)), clock)
+    return Gcra(rate, burst, RateTable(pod_lock(1)), clock)
 
 
 @pytest.mark.parametrize(("rate", "burst"), [(10.0, 3), (3.0, 5), (0.5, 1), (100.0, 50)])

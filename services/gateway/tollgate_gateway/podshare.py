@@ -5,7 +5,8 @@ connections land on any of them: a limit each process kept for itself would be m
 by the worker count. These tables live in one anonymous shared mapping made before the
 workers are forked, so every worker reads and writes the same numbers. A POSIX record lock
 (`fcntl`) serialises each update: unlike a semaphore, the kernel releases it when its
-holder dies, so a killed worker cannot wedge the pod. With one worker there is no lock.
+holder dies, so a killed worker cannot wedge the pod. With one worker the lock is a thread
+lock, which costs next to nothing.
 
 Both tables are fixed-size and hashed with the interpreter's string hash, which forked
 workers inherit; a name is looked up in a short window of slots after its hash, so an
@@ -20,33 +21,36 @@ import mmap
 import os
 import struct
 import tempfile
+import threading
+from contextlib import AbstractContextManager
 
 _PROBES = 16
 _INT = struct.Struct("q")  # one signed 64-bit number
 
 
-class PodLock:
-    """Mutual exclusion between the pod's worker processes (none needed for one): `with
-    lock:`. A class rather than a generator context manager: it is taken up to three
-    times a request."""
+class _RecordLock:
+    """A POSIX record lock on a file only this pod's processes have open."""
 
-    def __init__(self, workers: int) -> None:
-        self._fd = -1
-        if workers > 1:
-            with tempfile.TemporaryFile() as file:  # only its inode matters
-                self._fd = os.dup(file.fileno())
+    def __init__(self) -> None:
+        with tempfile.TemporaryFile() as file:  # only its inode matters
+            self._fd = os.dup(file.fileno())
 
     def __enter__(self) -> None:
-        if self._fd >= 0:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
 
     def __exit__(self, *exc: object) -> None:
-        if self._fd >= 0:
-            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
 
-def _slot_hash(name: str) -> int:
-    return hash(name) or 1  # 0 marks a slot never used
+PodLock = AbstractContextManager[object]
+
+
+def pod_lock(workers: int) -> PodLock:
+    """Mutual exclusion between the pod's worker processes: `with lock:`. One worker needs
+    none, and gets a thread lock, taken and released in C: the lock is taken three times a
+    request, and a Python `__enter__`/`__exit__` pair costs more than the update it guards.
+    Neither may be taken again by its holder (a thread lock would wait forever)."""
+    return threading.Lock() if workers == 1 else _RecordLock()
 
 
 class RateTable:
@@ -63,9 +67,10 @@ class RateTable:
         self._memory = mmap.mmap(-1, self.SLOTS * self._RECORD.size)  # MAP_SHARED
         self._mask = self.SLOTS - 1
 
-    def slot(self, client: str, now: int) -> int:
-        """`client`'s slot, claimed if it had none; call with the lock held."""
-        code = _slot_hash(client)
+    def slot(self, client: str, now: int) -> tuple[int, int]:
+        """`client`'s slot, claimed if it had none, and its time there (0 if just claimed);
+        call with the lock held."""
+        code = hash(client) or 1  # 0 marks a slot never used
         start = code & self._mask
         free = earliest = -1
         earliest_tat = 0
@@ -73,18 +78,14 @@ class RateTable:
             slot = (start + i) & self._mask
             owner, tat = self._RECORD.unpack_from(self._memory, slot * self._RECORD.size)
             if owner == code:
-                return slot
+                return slot, tat
             if free < 0 and tat <= now:
                 free = slot
             if earliest < 0 or tat < earliest_tat:
                 earliest, earliest_tat = slot, tat
         chosen = free if free >= 0 else earliest
         self._RECORD.pack_into(self._memory, chosen * self._RECORD.size, code, 0)
-        return chosen
-
-    def tat(self, slot: int) -> int:
-        tat: int = self._RECORD.unpack_from(self._memory, slot * self._RECORD.size)[1]
-        return tat
+        return chosen, 0
 
     def set_tat(self, slot: int, tat: int) -> None:
         _INT.pack_into(self._memory, slot * self._RECORD.size + 8, tat)
@@ -125,7 +126,7 @@ class KeyCounts:
         return inflight, reserved
 
     def _find(self, name: str, claim: bool) -> int:
-        code = _slot_hash(name)
+        code = hash(name) or 1  # 0 marks a slot never used
         start = code & self._mask
         free = -1
         for i in range(_PROBES):
@@ -182,6 +183,6 @@ class PodShare:
     """The pod's shared tables, made once before the workers start."""
 
     def __init__(self, workers: int) -> None:
-        self.lock = PodLock(workers)
+        self.lock = pod_lock(workers)
         self.rates = RateTable(self.lock)
         self.keys = KeyCounts(self.lock, workers)

@@ -56,14 +56,14 @@ from tollgate_contract.usage import Usage
 from tollgate_gateway import errors
 from tollgate_gateway.errors import Refusal
 from tollgate_gateway.keys import ApiKey
-from tollgate_gateway.podshare import KeyCounts, PodLock
+from tollgate_gateway.podshare import KeyCounts, pod_lock
 from tollgate_gateway.stores import Batch, DayWindow, MinuteWindow, QuotaStore
 
 log = logging.getLogger("tollgate.quota")
 
 # A key whose last request is older than this is no longer refreshed at every flush.
 ACTIVE_SECONDS = 600.0
-_EMPTY = Usage()
+_NONE: dict[Any, Usage] = {}
 
 
 @dataclass(slots=True)
@@ -106,7 +106,7 @@ class QuotaLedger:
         # The last batch the store took (what another replica may be about to send).
         self._last_sent: Batch | None = None
         # Requests in flight and their reservations, per key, over the replica's workers.
-        self._counts = counts or KeyCounts(PodLock(1), 1)
+        self._counts = counts or KeyCounts(pod_lock(1), 1)
         self._active: dict[str, float] = {}
         self._exact_until: dict[str, float] = {}
         self._flush_lock = asyncio.Lock()
@@ -255,8 +255,12 @@ class QuotaLedger:
         near = False
         limit = policy.tokens_per_day
         if limit is not None:
-            committed = self._day_counts(name, day).tokens + reserved
-            unseen = others * (self._share((name, day), _DAYS).tokens + reserved) if others else 0
+            prompt, completion, _ = self._counted((name, day), True)
+            committed = prompt + completion + reserved
+            unseen = 0
+            if others:
+                prompt, completion, _ = self._share((name, day), True)
+                unseen = others * (prompt + completion + reserved)
             if committed + tokens > limit:
                 left = max(0, limit - committed)
                 raise Refusal(
@@ -274,30 +278,35 @@ class QuotaLedger:
         if rpm is None and tpm is None:
             return near
         frac = (now % 60) / 60
-        cur = self._minute_counts(name, minute)
-        prev = self._minute_counts(name, minute - 1)
-        unseen_minute = self._share((name, minute), _MINUTES) if others else _EMPTY
+        prompt, completion, cur_requests = self._counted((name, minute), False)
+        cur_tokens = prompt + completion
+        prompt, completion, prev_requests = self._counted((name, minute - 1), False)
+        prev_tokens = prompt + completion
+        unseen_requests = unseen_tokens = 0
+        if others:
+            prompt, completion, unseen_requests = self._share((name, minute), False)
+            unseen_tokens = prompt + completion
         # The two sliding windows, alike: (limit, previous minute, wanted now with this
         # request, this request's own share, what the other replicas may not have shown).
         windows = (
-            (rpm, "requests", prev.requests, cur.requests + requests, requests,
-             unseen_minute.requests),
-            (tpm, "tokens", prev.tokens, cur.tokens + reserved + tokens, tokens,
-             unseen_minute.tokens + reserved),
+            (rpm, "requests", prev_requests, cur_requests + requests, requests, unseen_requests),
+            (tpm, "tokens", prev_tokens, cur_tokens + reserved + tokens, tokens,
+             unseen_tokens + reserved),
         )  # fmt: skip
         for limit, unit, previous, wanted, own, unseen in windows:
             if limit is None:
                 continue
-            wait = _sliding_wait(previous, wanted, limit, frac, own)
-            if wait > 0:
-                raise Refusal(
-                    errors.RATE_LIMITED,
-                    f"Rate limit reached: {limit} {unit} per minute for this key.",
-                    wait,
-                    reason="rate",
-                )
-            seen = previous * (1 - frac) + wanted + others * unseen
-            near = near or seen > limit * (1 - self.exact_margin)
+            seen = previous * (1 - frac) + wanted
+            if seen > limit:
+                wait = _sliding_wait(previous, wanted, limit, frac, own)
+                if wait > 0:
+                    raise Refusal(
+                        errors.RATE_LIMITED,
+                        f"Rate limit reached: {limit} {unit} per minute for this key.",
+                        wait,
+                        reason="rate",
+                    )
+            near = near or seen + others * unseen > limit * (1 - self.exact_margin)
         return near
 
     def settle(self, admission: Admission, usage: Usage | None) -> None:
@@ -316,7 +325,7 @@ class QuotaLedger:
     def today(self, name: str) -> tuple[str, Usage]:
         """A key's usage today as this replica knows it (global + not yet flushed)."""
         day = self._day(self._clock())
-        return day, self._day_counts(name, day)
+        return day, Usage(*self._counted((name, day), True))
 
     # Flushing
 
@@ -419,51 +428,39 @@ class QuotaLedger:
             counts = self._pending.minutes[(name, minute)] = Usage()
         return counts
 
-    def _day_counts(self, name: str, day: str) -> Usage:
-        return self._total((name, day), self._global_days, _DAYS)
+    def _counted(self, window: Any, days: bool, store: bool = True) -> tuple[int, int, int]:
+        """(prompt tokens, completion tokens, requests) of a day's or a minute's `window`:
+        this replica's deltas not yet in the store (pending and being sent) and, with
+        `store`, the store's total at the last flush. Summed as numbers, not as `Usage`
+        objects: this runs three times a request."""
+        pending, sending = self._pending, self._sending
+        tables: tuple[dict[Any, Usage], ...]
+        if days:
+            tables = (pending.days, sending.days if sending else _NONE, self._global_days)
+        else:
+            tables = (pending.minutes, sending.minutes if sending else _NONE, self._global_minutes)
+        prompt = completion = requests = 0
+        for table in tables if store else tables[:2]:
+            counts = table.get(window)
+            if counts is not None:
+                prompt += counts.prompt_tokens
+                completion += counts.completion_tokens
+                requests += counts.requests
+        return prompt, completion, requests
 
-    def _minute_counts(self, name: str, minute: int) -> Usage:
-        return self._total((name, minute), self._global_minutes, _MINUTES)
-
-    def _total(
-        self,
-        window: Any,
-        global_totals: dict[Any, Usage],
-        of: Callable[[Batch], dict[Any, Usage]],
-    ) -> Usage:
-        """Global total + this replica's unflushed deltas (pending and being sent)."""
-        return self._unflushed(window, of) + global_totals.get(window, _EMPTY)
-
-    def _share(self, window: Any, of: Callable[[Batch], dict[Any, Usage]]) -> Usage:
+    def _share(self, window: Any, days: bool) -> tuple[int, int, int]:
         """What another replica may hold of `window` that the store has not shown yet,
         guessed from this one's own: its unflushed deltas, or what it sent at its last
         flush if that was more (another's flush timer runs on its own: just after this
         one flushed, the others may be about to send a whole interval's worth)."""
-        share = self._unflushed(window, of)
-        last = of(self._last_sent).get(window) if self._last_sent is not None else None
+        prompt, completion, requests = self._counted(window, days, store=False)
+        sent = self._last_sent
+        last = (sent.days if days else sent.minutes).get(window) if sent is not None else None
         if last is not None:
-            share = Usage(
-                max(share.prompt_tokens, last.prompt_tokens),
-                max(share.completion_tokens, last.completion_tokens),
-                max(share.requests, last.requests),
-            )
-        return share
-
-    def _unflushed(self, window: Any, of: Callable[[Batch], dict[Any, Usage]]) -> Usage:
-        """This replica's deltas of `window` not yet in the store's totals (to read: it
-        may be the pending counts themselves)."""
-        pending = of(self._pending).get(window, _EMPTY)
-        if self._sending is None:
-            return pending
-        return pending + of(self._sending).get(window, _EMPTY)
-
-
-def _DAYS(batch: Batch) -> dict[Any, Usage]:
-    return batch.days
-
-
-def _MINUTES(batch: Batch) -> dict[Any, Usage]:
-    return batch.minutes
+            prompt = max(prompt, last.prompt_tokens)
+            completion = max(completion, last.completion_tokens)
+            requests = max(requests, last.requests)
+        return prompt, completion, requests
 
 
 def _sliding_wait(prev: float, cur: float, limit: float, frac: float, own: float) -> float:

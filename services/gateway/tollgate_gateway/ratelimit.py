@@ -50,8 +50,8 @@ class Gcra:
             # Read inside the lock: a worker descheduled between reading the clock and
             # taking the lock would judge by a time other workers have already passed.
             now = self._now()
-            slot = table.slot(client, now)
-            tat = max(table.tat(slot), now)
+            slot, tat = table.slot(client, now)
+            tat = max(tat, now)
             if tat - now > self._tolerance:
                 return (tat - self._tolerance - now) / 1e6
             table.set_tat(slot, tat + self._interval)

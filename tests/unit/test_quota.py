@@ -21,6 +21,7 @@ from tollgate_contract.usage import Usage
 from tollgate_gateway import errors
 from tollgate_gateway.errors import Refusal
 from tollgate_gateway.keys import ApiKey, key_hash
+from tollgate_gateway.podshare import KeyCounts, pod_lock
 from tollgate_gateway.quota import Admission, QuotaLedger
 from tollgate_gateway.stores import Batch, DayWindow, MinuteWindow, Totals
 from tollgate_gateway.stores.sqlite import SqliteStore
@@ -182,6 +183,61 @@ def test_day_rolls_over_at_midnight_utc(db: str, clock: ManualClock) -> None:
         await ledger.close()
 
     run(scenario)
+
+
+# Far from its limits a key is admitted on the room its last full check left: every way
+# its counts can grow must take from that room, or end it. With no exact margin the room
+# reaches the limit itself, so a room that outlived its counts admits past the limit.
+
+
+def roomy_ledger(path: str, clock: ManualClock, counts: KeyCounts | None = None) -> QuotaLedger:
+    return QuotaLedger(SqliteStore(path), FLUSH_SECONDS, clock=clock, exact_margin=0, counts=counts)
+
+
+def test_the_room_shrinks_with_each_request_and_with_usage_beyond_its_reservation(
+    db: str, clock: ManualClock
+) -> None:
+    ledger, limited = roomy_ledger(db, clock), key(requests_per_minute=3, tokens_per_day=1000)
+    ledger.settle(admit(ledger, limited, 10, 10), usage(500, 400))  # 900: an estimate too low
+    refused = refusal(ledger, limited, 0, 200)
+    assert refused.kind is errors.QUOTA_EXCEEDED and "100 left" in refused.message
+    admit(ledger, limited, 0, 40)
+    admit(ledger, limited, 0, 40)
+    assert refusal(ledger, limited, 0, 0).reason == "rate"  # the fourth request this minute
+
+
+def test_a_new_policy_is_judged_at_once(db: str, clock: ManualClock) -> None:
+    ledger, generous = roomy_ledger(db, clock), key(tokens_per_day=1000)
+    ledger.settle(admit(ledger, generous, 0, 10), usage(300, 300))
+    admit(ledger, generous, 0, 10)
+    assert refusal(ledger, key(tokens_per_day=500), 0, 10).kind is errors.QUOTA_EXCEEDED
+
+
+def test_the_other_replicas_usage_ends_the_room_at_the_flush(db: str, clock: ManualClock) -> None:
+    async def scenario() -> None:
+        one, other, limited = (
+            roomy_ledger(db, clock),
+            roomy_ledger(db, clock),
+            key(tokens_per_day=1000),
+        )
+        await one.start(["team-a"])
+        admit(one, limited, 0, 10)
+        other.settle(admit(other, limited, 0, 10), usage(450, 450))
+        assert await other.flush() and await one.flush()
+        assert "90 left" in refusal(one, limited, 0, 200).message  # 900 + 10 reserved
+        await one.close()
+        await other.close()
+
+    run(scenario)
+
+
+def test_the_other_workers_reservations_count_in_the_room(db: str, clock: ManualClock) -> None:
+    pod = KeyCounts(pod_lock(2), 2)  # two workers' ledgers, one pod's in-flight counts
+    one, other = roomy_ledger(db, clock, pod), roomy_ledger(db, clock, pod)
+    limited = key(tokens_per_day=1000)
+    admit(one, limited, 0, 10)
+    admit(other, limited, 0, 900)
+    assert "90 left" in refusal(one, limited, 0, 200).message
 
 
 # The store: flushes, totals shared between replicas, outages

@@ -7,12 +7,15 @@ Every replica keeps three kinds of numbers per key:
 - reservations of its in-flight requests.
 
 Admission compares global + local + reserved with the key's policy, in memory; the store is
-never on the request path. A request reserves its prompt estimate plus the most it may
-generate (`max_tokens`, or a default, for each of its sequences) at admission, so
-concurrent long streams cannot all start on the same remaining quota, and a request whose
-own generation cannot fit in what is left of the key's tokens per day (or minute) is
-refused rather than run past the limit; at its end the reservation is released and the
-real usage recorded.
+never on the request path. Far from every limit even that comparison runs about once per
+key and flush: it leaves the key a room (how far its counts may grow before it is near a
+limit), which each admission and any usage beyond a reservation take from (`_Room`).
+
+A request reserves its prompt estimate plus the most it may generate (`max_tokens`, or a
+default, for each of its sequences) at admission, so concurrent long streams cannot all
+start on the same remaining quota, and a request whose own generation cannot fit in what
+is left of the key's tokens per day (or minute) is refused rather than run past the
+limit; at its end the reservation is released and the real usage recorded.
 
 Windows: tokens per day are counted per UTC day (a request counts on the day it ends; the
 quota resets at 00:00 UTC). Requests and tokens per minute use a sliding window estimated
@@ -46,12 +49,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from tollgate_contract.config import Policy
 from tollgate_contract.usage import Usage
 from tollgate_gateway import errors
 from tollgate_gateway.errors import Refusal
@@ -64,6 +69,20 @@ log = logging.getLogger("tollgate.quota")
 # A key whose last request is older than this is no longer refreshed at every flush.
 ACTIVE_SECONDS = 600.0
 _NONE: dict[Any, Usage] = {}
+
+
+@dataclass(slots=True)
+class _Room:
+    """How far a key's counts may still grow before it comes within `exact_margin` of a
+    limit, as its last full check found them (`QuotaLedger._check`): in tokens (which its
+    reservations, times the replicas, and a request's own tokens take) and in requests.
+    Every count a check reads only grows by what this ledger adds (until the next flush,
+    which drops every room) or shrinks with time (the sliding minute decays, days end), so
+    while the room lasts the full check would admit, and not call the key near."""
+
+    policy: Policy
+    tokens: float
+    requests: float
 
 
 @dataclass(slots=True)
@@ -109,6 +128,7 @@ class QuotaLedger:
         self._counts = counts or KeyCounts(pod_lock(1), 1)
         self._active: dict[str, float] = {}
         self._exact_until: dict[str, float] = {}
+        self._rooms: dict[str, _Room] = {}
         self._flush_lock = asyncio.Lock()
         self._store_started = False
         self._task: asyncio.Task[None] | None = None
@@ -190,19 +210,37 @@ class QuotaLedger:
                 reason="concurrency",
             )
         near = False
-        if key.policy is not None:
-            try:
-                near = self._check(key, now, day, minute, 1, max(1, completion_tokens), reserved)
-            except Refusal:
-                self._counts.leave(name, reserve)
-                raise
+        policy = key.policy
+        if policy is not None:
+            tokens = max(1, completion_tokens)
             # The estimate of the others' unseen usage holds for a view at most an
             # interval old. An older one (this replica's flush queued at the store behind
             # the others' confirmations, at a few hundred requests a second) cannot tell
             # how near a limit the key is: it counts as near.
-            near = near or (
-                self.store.shared and now - self.last_flush_at > 2 * self.flush_interval
-            )
+            stale = self.store.shared and now - self.last_flush_at > 2 * self.flush_interval
+            held = self.replicas * reserved
+            room = self._rooms.get(name)
+            if (
+                room is not None
+                and room.policy is policy
+                and room.requests >= 1
+                and room.tokens >= held + tokens
+                and not stale
+            ):
+                room.requests -= self.replicas  # this request, counted here and as a share
+            else:
+                try:
+                    tokens_room, requests_room = self._check(
+                        key, now, day, minute, 1, tokens, reserved
+                    )
+                except Refusal:
+                    self._counts.leave(name, reserve)
+                    raise
+                near = stale or tokens_room < held + tokens or requests_room < 1
+                if near or self._exact_until.get(name, 0.0) > now:
+                    self._rooms.pop(name, None)
+                else:
+                    self._rooms[name] = _Room(policy, tokens_room, requests_room - self.replicas)
         # Once near a limit, a key stays on confirmed admissions for a minute: another
         # replica's unflushed admissions are exactly what the local view cannot see.
         if near:
@@ -241,26 +279,24 @@ class QuotaLedger:
         requests: int,
         tokens: int,
         reserved: int,
-    ) -> bool:
+    ) -> tuple[float, float]:
         """Raise the `Refusal` of the first limit that `requests` more requests and
         `tokens` more tokens (on top of what is counted, and `reserved` by the other
-        requests in flight) would break; else whether the key is within `exact_margin` of
-        a limit."""
+        requests in flight) would break; else the key's room before it comes within
+        `exact_margin` of a limit, in tokens and in requests (`_Room`). The other replicas'
+        in-flight reservations and unflushed usage are guessed from this replica's own
+        (they see similar traffic), so its reservations, and what it counts since its last
+        flush, weigh `replicas` times in the room."""
         policy = key.policy
         assert policy is not None
         name = key.name
-        # What the other replicas may have counted since their last flush, guessed from
-        # this replica's own unflushed share (they see similar traffic).
         others = self.replicas - 1
-        near = False
+        near = 1 - self.exact_margin
+        tokens_room = requests_room = math.inf
         limit = policy.tokens_per_day
         if limit is not None:
             prompt, completion, _ = self._counted((name, day), True)
             committed = prompt + completion + reserved
-            unseen = 0
-            if others:
-                prompt, completion, _ = self._share((name, day), True)
-                unseen = others * (prompt + completion + reserved)
             if committed + tokens > limit:
                 left = max(0, limit - committed)
                 raise Refusal(
@@ -273,10 +309,14 @@ class QuotaLedger:
                     86400 - now % 86400,
                     reason="quota",
                 )
-            near = near or committed + unseen + tokens > limit * (1 - self.exact_margin)
+            day_load = prompt + completion
+            if others:
+                prompt, completion, _ = self._share((name, day), True)
+                day_load += others * (prompt + completion)
+            tokens_room = limit * near - day_load
         rpm, tpm = policy.requests_per_minute, policy.tokens_per_minute
         if rpm is None and tpm is None:
-            return near
+            return tokens_room, requests_room
         frac = (now % 60) / 60
         prompt, completion, cur_requests = self._counted((name, minute), False)
         cur_tokens = prompt + completion
@@ -286,19 +326,21 @@ class QuotaLedger:
         if others:
             prompt, completion, unseen_requests = self._share((name, minute), False)
             unseen_tokens = prompt + completion
-        # The two sliding windows, alike: (limit, previous minute, wanted now with this
-        # request, this request's own share, what the other replicas may not have shown).
+        # The two sliding windows, alike: (limit, previous minute, this minute, this
+        # request's own share, what the others' requests in flight hold, what the other
+        # replicas may not have shown).
         windows = (
-            (rpm, "requests", prev_requests, cur_requests + requests, requests, unseen_requests),
-            (tpm, "tokens", prev_tokens, cur_tokens + reserved + tokens, tokens,
-             unseen_tokens + reserved),
+            (rpm, "requests", prev_requests, cur_requests, requests, 0, unseen_requests),
+            (tpm, "tokens", prev_tokens, cur_tokens, tokens, reserved, unseen_tokens),
         )  # fmt: skip
-        for limit, unit, previous, wanted, own, unseen in windows:
+        rooms: list[float] = []
+        for limit, unit, previous, current, own, held, unseen in windows:
             if limit is None:
+                rooms.append(math.inf)
                 continue
-            seen = previous * (1 - frac) + wanted
-            if seen > limit:
-                wait = _sliding_wait(previous, wanted, limit, frac, own)
+            load = previous * (1 - frac) + current
+            if load + held + own > limit:
+                wait = _sliding_wait(previous, current + held + own, limit, frac, own)
                 if wait > 0:
                     raise Refusal(
                         errors.RATE_LIMITED,
@@ -306,14 +348,17 @@ class QuotaLedger:
                         wait,
                         reason="rate",
                     )
-            near = near or seen + others * unseen > limit * (1 - self.exact_margin)
-        return near
+            rooms.append(limit * near - load - others * unseen)
+        return min(tokens_room, rooms[1]), rooms[0]
 
     def settle(self, admission: Admission, usage: Usage | None) -> None:
         """Release the reservation and record the real usage (none if the request failed)."""
         name = admission.key
         self._counts.leave(name, admission.reserved)
         if usage is not None and (usage.prompt_tokens or usage.completion_tokens):
+            room = self._rooms.get(name)
+            if room is not None:
+                room.tokens -= self.replicas * (usage.prompt_tokens + usage.completion_tokens)
             now = self._clock()
             day = self._pending_day(name, self._day(now))
             day.prompt_tokens += usage.prompt_tokens
@@ -366,6 +411,7 @@ class QuotaLedger:
             self._global_days.update(totals.days)
             self._global_minutes.update(totals.minutes)
             self.replicas = max(self._workers, totals.replicas)
+            self._rooms.clear()  # the totals, the others' shares and their number moved
             self._last_sent, self._sending = self._sending, None
             if not self.store_ok:
                 log.info(

@@ -11,7 +11,9 @@ the gateway's), the gateway's RSS, the median `x-tollgate-overhead-ms`, and the 
 direct and to nginx (a plain reverse proxy, one worker, keep-alive upstream, buffering
 off: the floor a proxy can reach here; `nginx-light` is installed with apt-get when
 missing, and the row is left out if it cannot be). Also the gateway's idle RSS and its
-start-to-ready time. It passes or fails nothing.
+start-to-ready time. Every feature is on: the bench key is under a policy of every limit
+(set too high to refuse, so each check runs), the per-IP limit, metrics and JSON request
+logs. It passes or fails nothing.
 
     make bench                       # or: .venv/bin/python bench/gateway_bench.py --quick
 """
@@ -298,6 +300,7 @@ def main() -> None:
     scale = 0.2 if args.quick else 1.0
 
     sim_port, gw_port = free_port(), free_port()
+    config_dir = tempfile.TemporaryDirectory(prefix="tollgate-bench-")
     sim = subprocess.Popen(
         [str(BIN / "tollgate-sim"), "--port", str(sim_port)], stdout=subprocess.DEVNULL
     )
@@ -306,7 +309,9 @@ def main() -> None:
         "VLLM_URL": f"http://127.0.0.1:{sim_port}",
         "GATEWAY_HOST": "127.0.0.1",
         "GATEWAY_PORT": str(gw_port),
-        "GATEWAY_API_KEYS": f"bench:{KEY}",
+        # The key under a policy of every limit: all the per-key checks run (quota_bench
+        # measures what they add).
+        **limits_env(Path(config_dir.name)),
         "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
         # The per-IP limit stays on (checked on every request) but above what one load
         # generator on one address sends.
@@ -419,6 +424,7 @@ def main() -> None:
         for proc in (gateway, sim):
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
+        config_dir.cleanup()
 
 
 if __name__ == "__main__":

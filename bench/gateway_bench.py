@@ -322,13 +322,16 @@ def main() -> None:
         "GATEWAY_FORWARD_HEADERS": "x-sim-*",
     }
     wait_http(f"http://127.0.0.1:{sim_port}/health")
-    started = time.monotonic()
-    gateway = subprocess.Popen(
-        args.gateway_cmd.split(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
     stack = contextlib.ExitStack()
+    stack.callback(_stop, sim)
     try:
+        # nginx first: its start (an apt-get install, the first time) is not the gateway's.
         nginx = stack.enter_context(nginx_process(sim_port))
+        started = time.monotonic()
+        gateway = subprocess.Popen(
+            args.gateway_cmd.split(), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        stack.callback(_stop, gateway)
         wait_http(f"http://127.0.0.1:{gw_port}/ready")
         ready_s = time.monotonic() - started
         gw_proc, sim_proc = psutil.Process(gateway.pid), psutil.Process(sim.pid)
@@ -421,10 +424,12 @@ def main() -> None:
         )
     finally:
         stack.close()
-        for proc in (gateway, sim):
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
         config_dir.cleanup()
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(30)
 
 
 if __name__ == "__main__":

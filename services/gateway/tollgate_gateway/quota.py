@@ -291,7 +291,7 @@ class QuotaLedger:
         assert policy is not None
         name = key.name
         others = self.replicas - 1
-        near = 1 - self.exact_margin
+        edge = 1 - self.exact_margin  # the fraction of a limit past which a key is near
         tokens_room = requests_room = math.inf
         limit = policy.tokens_per_day
         if limit is not None:
@@ -313,7 +313,7 @@ class QuotaLedger:
             if others:
                 prompt, completion, _ = self._share((name, day), True)
                 day_load += others * (prompt + completion)
-            tokens_room = limit * near - day_load
+            tokens_room = limit * edge - day_load
         rpm, tpm = policy.requests_per_minute, policy.tokens_per_minute
         if rpm is None and tpm is None:
             return tokens_room, requests_room
@@ -348,7 +348,7 @@ class QuotaLedger:
                         wait,
                         reason="rate",
                     )
-            rooms.append(limit * near - load - others * unseen)
+            rooms.append(limit * edge - load - others * unseen)
         return min(tokens_room, rooms[1]), rooms[0]
 
     def settle(self, admission: Admission, usage: Usage | None) -> None:

@@ -864,7 +864,7 @@ class EmulatorThread:
         self.crds = self.emulator.register_crds()
         if inference_pool:
             self.emulator.register_crd(INFERENCE_POOL_CRD)
-        self._loop = asyncio.new_event_loop()
+        self._loop: asyncio.AbstractEventLoop  # the thread's, set before it is ready
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self.url = ""
@@ -882,7 +882,12 @@ class EmulatorThread:
         self._thread.join(10)
 
     def _run(self) -> None:
-        self._loop.run_until_complete(self._serve())
+        # asyncio.Runner ends as asyncio.run does: watches still streaming when the server
+        # stops are cancelled on this loop, not finalised later by the collector on a
+        # closed one (an unraisable `Queue.get` warning in whichever test ran then).
+        with asyncio.Runner() as runner:
+            self._loop = runner.get_loop()
+            runner.run(self._serve())
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()

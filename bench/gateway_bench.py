@@ -119,8 +119,7 @@ def gateway_process(env: dict[str, str]) -> Iterator[tuple[str, psutil.Process]]
         wait_http(f"http://127.0.0.1:{port}/ready")
         yield f"http://127.0.0.1:{port}/v1/chat/completions", psutil.Process(proc.pid)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        _stop(proc)
 
 
 NGINX_CONF = """
@@ -300,10 +299,12 @@ def main() -> None:
     scale = 0.2 if args.quick else 1.0
 
     sim_port, gw_port = free_port(), free_port()
-    config_dir = tempfile.TemporaryDirectory(prefix="tollgate-bench-")
+    stack = contextlib.ExitStack()  # closed last to first: gateway, nginx, simulator, config
+    config_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="tollgate-bench-"))
     sim = subprocess.Popen(
         [str(BIN / "tollgate-sim"), "--port", str(sim_port)], stdout=subprocess.DEVNULL
     )
+    stack.callback(_stop, sim)
     env = {
         **os.environ,
         "VLLM_URL": f"http://127.0.0.1:{sim_port}",
@@ -311,7 +312,7 @@ def main() -> None:
         "GATEWAY_PORT": str(gw_port),
         # The key under a policy of every limit: all the per-key checks run (quota_bench
         # measures what they add).
-        **limits_env(Path(config_dir.name)),
+        **limits_env(Path(config_dir)),
         "LOG_LEVEL": os.environ.get("LOG_LEVEL", "INFO"),
         # The per-IP limit stays on (checked on every request) but above what one load
         # generator on one address sends.
@@ -321,10 +322,8 @@ def main() -> None:
         # The paced workload's knob reaches the simulator (one prefix check per header).
         "GATEWAY_FORWARD_HEADERS": "x-sim-*",
     }
-    wait_http(f"http://127.0.0.1:{sim_port}/health")
-    stack = contextlib.ExitStack()
-    stack.callback(_stop, sim)
     try:
+        wait_http(f"http://127.0.0.1:{sim_port}/health")
         # nginx first: its start (an apt-get install, the first time) is not the gateway's.
         nginx = stack.enter_context(nginx_process(sim_port))
         started = time.monotonic()
@@ -424,7 +423,6 @@ def main() -> None:
         )
     finally:
         stack.close()
-        config_dir.cleanup()
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

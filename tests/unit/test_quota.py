@@ -74,8 +74,9 @@ def db(tmp_path: Path) -> str:
     return str(tmp_path / "quota.db")
 
 
-def ledger_on(path: str, clock: ManualClock, fail_closed: bool = False) -> QuotaLedger:
-    return QuotaLedger(SqliteStore(path), FLUSH_SECONDS, fail_closed=fail_closed, clock=clock)
+def ledger_on(path: str, clock: ManualClock, **options: Any) -> QuotaLedger:
+    """`options`: QuotaLedger's own (`fail_closed`, `exact_margin`, `counts`)."""
+    return QuotaLedger(SqliteStore(path), FLUSH_SECONDS, clock=clock, **options)
 
 
 # Admission without the store: reservations, windows, concurrency
@@ -190,14 +191,13 @@ def test_day_rolls_over_at_midnight_utc(db: str, clock: ManualClock) -> None:
 # reaches the limit itself, so a room that outlived its counts admits past the limit.
 
 
-def roomy_ledger(path: str, clock: ManualClock, counts: KeyCounts | None = None) -> QuotaLedger:
-    return QuotaLedger(SqliteStore(path), FLUSH_SECONDS, clock=clock, exact_margin=0, counts=counts)
-
-
 def test_the_room_shrinks_with_each_request_and_with_usage_beyond_its_reservation(
     db: str, clock: ManualClock
 ) -> None:
-    ledger, limited = roomy_ledger(db, clock), key(requests_per_minute=3, tokens_per_day=1000)
+    ledger, limited = (
+        ledger_on(db, clock, exact_margin=0),
+        key(requests_per_minute=3, tokens_per_day=1000),
+    )
     ledger.settle(admit(ledger, limited, 10, 10), usage(500, 400))  # 900: an estimate too low
     refused = refusal(ledger, limited, 0, 200)
     assert refused.kind is errors.QUOTA_EXCEEDED and "100 left" in refused.message
@@ -207,7 +207,7 @@ def test_the_room_shrinks_with_each_request_and_with_usage_beyond_its_reservatio
 
 
 def test_a_new_policy_is_judged_at_once(db: str, clock: ManualClock) -> None:
-    ledger, generous = roomy_ledger(db, clock), key(tokens_per_day=1000)
+    ledger, generous = ledger_on(db, clock, exact_margin=0), key(tokens_per_day=1000)
     ledger.settle(admit(ledger, generous, 0, 10), usage(300, 300))
     admit(ledger, generous, 0, 10)
     assert refusal(ledger, key(tokens_per_day=500), 0, 10).kind is errors.QUOTA_EXCEEDED
@@ -216,8 +216,8 @@ def test_a_new_policy_is_judged_at_once(db: str, clock: ManualClock) -> None:
 def test_the_other_replicas_usage_ends_the_room_at_the_flush(db: str, clock: ManualClock) -> None:
     async def scenario() -> None:
         one, other, limited = (
-            roomy_ledger(db, clock),
-            roomy_ledger(db, clock),
+            ledger_on(db, clock, exact_margin=0),
+            ledger_on(db, clock, exact_margin=0),
             key(tokens_per_day=1000),
         )
         await one.start(["team-a"])
@@ -233,7 +233,10 @@ def test_the_other_replicas_usage_ends_the_room_at_the_flush(db: str, clock: Man
 
 def test_the_other_workers_reservations_count_in_the_room(db: str, clock: ManualClock) -> None:
     pod = KeyCounts(pod_lock(2), 2)  # two workers' ledgers, one pod's in-flight counts
-    one, other = roomy_ledger(db, clock, pod), roomy_ledger(db, clock, pod)
+    one, other = (
+        ledger_on(db, clock, exact_margin=0, counts=pod),
+        ledger_on(db, clock, exact_margin=0, counts=pod),
+    )
     limited = key(tokens_per_day=1000)
     admit(one, limited, 0, 10)
     admit(other, limited, 0, 900)

@@ -210,9 +210,9 @@ class QuotaLedger:
                 reason="concurrency",
             )
         near = False
+        tokens = max(1, completion_tokens)
         policy = key.policy
         if policy is not None:
-            tokens = max(1, completion_tokens)
             # The estimate of the others' unseen usage holds for a view at most an
             # interval old. An older one (this replica's flush queued at the store behind
             # the others' confirmations, at a few hundred requests a second) cannot tell
@@ -250,7 +250,7 @@ class QuotaLedger:
         self._pending_day(name, day).requests += 1
         self._pending_minute(name, minute).requests += 1
         confirm = near and self.exact_margin > 0 and self.store.shared and self.store_ok
-        return Admission(name, reserve, max(1, completion_tokens), day, minute, confirm)
+        return Admission(name, reserve, tokens, day, minute, confirm)
 
     async def confirm(self, key: ApiKey, admission: Admission) -> None:
         """Near a limit, the other replicas' latest usage decides: this replica's counts
